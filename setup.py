@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="vlrm",
+    version="0.1.0",
+    description="Train and evaluate reward models for vision-language models (Qwen2.5-VL, MiMo-VL).",
+    packages=find_packages(include=["vlrm", "vlrm.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6,<=2.14.1",
+        "torchvision",
+        "transformers>=5.0,<6",
+        "trl>=1.0,<2",
+        "accelerate>=1.4",
+        "datasets>=3.0",
+        "qwen-vl-utils>=0.0.10",
+        "pyyaml",
+        "pandas",
+        "pillow",
+        "safetensors",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "ruff", "deepspeed>=0.16", "hypothesis", "tensorboard"],
+        "gpu": ["flash-attn>=2.6", "deepspeed>=0.16"],
+    },
+)

@@ -1,0 +1,35 @@
+"""Shared fixtures: one tiny offline Qwen2.5-VL and one small synthetic preference set per test session."""
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pytest
+from transformers import AutoProcessor
+
+from vlrm.batching import PreferenceEncoder
+from vlrm.synthetic import make_synthetic_dataset
+from vlrm.tiny import build_tiny_model_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "tiny-qwen2.5-vl")
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("synthetic")
+    make_synthetic_dataset(output_dir, num_train=48, num_eval=24, seed=0)
+    return output_dir
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_model_dir):
+    return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def encoder(processor):
+    return PreferenceEncoder(processor)

@@ -1,0 +1,116 @@
+"""Train a vision-language reward model on preference pairs (chosen vs rejected, with images).
+
+One process (CPU demo, or one GPU):
+    python train_rm.py training_configs/tiny_demo.yaml
+    python train_rm.py training_configs/7b_config.yaml
+Override any config key on the command line:
+    python train_rm.py training_configs/tiny_demo.yaml --learning_rate 5e-4 --max_steps 50
+Many GPUs (torchrun + DeepSpeed, see run_distributed.sh):
+    ./run_distributed.sh --gpus 8 --config training_configs/7b_config.yaml -- --num_train_epochs 2
+Resume:
+    python train_rm.py CONFIG --resume_from_checkpoint outputs/run/checkpoint-200
+
+The run's log goes to logs/train_TIMESTAMP.log; checkpoints (weights + config + processor) to output_dir.
+"""
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoProcessor, set_seed
+
+from vlrm.batching import PaddedPreferenceCollator, PreferenceEncoder, drop_overlong
+from vlrm.config import TrainConfig, config_to_dict, load_config
+from vlrm.data import load_preference_dataset
+from vlrm.model import VLRewardModel
+from vlrm.trainer import LogFileCallback, VLRewardTrainer
+
+logger = logging.getLogger("vlrm")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config and logging
+
+if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+    sys.exit(__doc__)
+config = load_config(TrainConfig, sys.argv[1], sys.argv[2:])
+
+log_path = Path(config.log_dir) / f"train_{time.strftime('%Y%m%d_%H%M%S')}.log"
+handlers = [logging.StreamHandler()]
+if config.process_index == 0:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handlers.append(logging.FileHandler(log_path))
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers)
+transformers.utils.logging.set_verbosity_warning()
+transformers.utils.logging.disable_default_handler()
+transformers.utils.logging.enable_propagation()
+logger.info("config %s: %s", sys.argv[1], config_to_dict(config))
+set_seed(config.seed)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processor and data
+
+processor = AutoProcessor.from_pretrained(config.model_name_or_path)
+if config.min_pixels or config.max_pixels:
+    size = dict(processor.image_processor.size)
+    size["shortest_edge"] = config.min_pixels or size["shortest_edge"]
+    size["longest_edge"] = config.max_pixels or size["longest_edge"]
+    processor.image_processor.size = size
+encoder = PreferenceEncoder(processor)
+
+
+def load_split(path: str, max_samples: int | None):
+    dataset, report = load_preference_dataset(path, config.on_bad_sample, max_samples, config.seed)
+    logger.info(report.summary())
+    dataset, dropped = drop_overlong(dataset, encoder, config.max_seq_length)
+    if dropped:
+        logger.warning(
+            "%s: dropped %d pairs longer than max_seq_length=%d (first: %s)",
+            path, len(dropped), config.max_seq_length, ", ".join(dropped[:3]),
+        )
+    return dataset
+
+
+train_dataset = load_split(config.dataset_path, config.max_train_samples)
+eval_dataset = load_split(config.eval_dataset_path, config.max_eval_samples) if config.eval_dataset_path else None
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+
+# Full-precision weights for the HF Trainer's mixed precision; DeepSpeed keeps its own fp32 master copy instead.
+dtype = torch.float32
+if config.deepspeed:
+    dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
+model = VLRewardModel.from_pretrained(
+    config.model_name_or_path, attn_implementation=config.attn_implementation, dtype=dtype
+)
+model.config.pad_token_id = encoder.pad_token_id
+if config.freeze_vit:
+    model.freeze_vision_tower()
+trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+logger.info("model: %s, %.1fM trainable of %.1fM parameters", config.model_name_or_path, trainable / 1e6,
+            sum(p.numel() for p in model.parameters()) / 1e6)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Train
+
+trainer = VLRewardTrainer(
+    model=model,
+    args=config,
+    data_collator=PaddedPreferenceCollator(encoder),
+    train_dataset=train_dataset,
+    eval_dataset=eval_dataset,
+    processing_class=processor.tokenizer,
+    processor=processor,
+    callbacks=[LogFileCallback()],
+)
+trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+trainer.save_model(config.output_dir)
+logger.info("final model saved to %s", config.output_dir)
+
+if eval_dataset is not None:
+    metrics = trainer.evaluate()
+    logger.info("held-out preference accuracy: %.4f (%d pairs)", metrics["eval_accuracy"], len(eval_dataset))
+logger.info("log written to %s", log_path)

@@ -1,0 +1,226 @@
+"""Configuration for training (``TrainConfig``) and evaluation (``EvalConfig``).
+
+Both load from a YAML or JSON file, and any key can be overridden on the command line as ``--key value``:
+
+    config = load_config(TrainConfig, "training_configs/tiny_demo.yaml", ["--learning_rate", "5e-4"])
+
+An unknown key, in the file or on the command line, is an error that names the key and suggests the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from transformers import HfArgumentParser
+from trl import RewardConfig
+
+ConfigT = TypeVar("ConfigT")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake found before any weight is loaded."""
+
+
+def check_flash_attention_available() -> None:
+    """Raise a ConfigError with the fix when flash_attention_2 cannot run here."""
+    import torch
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            "attn_implementation=flash_attention_2 needs the flash-attn package, which is not installed. "
+            "Install it on a CUDA machine with `pip install -e .[gpu]`, or set `attn_implementation: sdpa`."
+        )
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "attn_implementation=flash_attention_2 needs a CUDA GPU, and none is visible. "
+            "Set `attn_implementation: sdpa` to run on this machine."
+        )
+
+
+@dataclass
+class ModelDataArguments:
+    """Fields shared by training and evaluation: how to load the model and how to render images."""
+
+    attn_implementation: Literal["flash_attention_2", "sdpa", "eager"] = field(
+        default="sdpa",
+        metadata={"help": "Attention kernel. flash_attention_2 needs CUDA and the flash-attn package (extra `gpu`)."},
+    )
+    min_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Smallest image area in pixels after resizing (None: the processor's own setting)."},
+    )
+    max_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Largest image area in pixels after resizing (None: the processor's own setting). Each 28x28 "
+            "block becomes one visual token, so this bounds the visual tokens per image."
+        },
+    )
+    on_bad_sample: Literal["error", "skip"] = field(
+        default="error",
+        metadata={
+            "help": "What a row that cannot be used does (missing or corrupt image, empty response, chosen == "
+            "rejected, wrong type): `error` stops with the file, row and field; `skip` drops it and logs the count."
+        },
+    )
+
+    def _check_model_data_arguments(self) -> None:
+        if self.attn_implementation == "flash_attention_2":
+            check_flash_attention_available()
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and value < 28 * 28:
+                raise ConfigError(f"{name}={value} is below one 28x28 visual token (784 pixels).")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ConfigError(f"min_pixels={self.min_pixels} is larger than max_pixels={self.max_pixels}.")
+
+
+@dataclass
+class TrainConfig(ModelDataArguments, RewardConfig):
+    """Everything `train_rm.py` reads: TRL's `RewardConfig` (and so every `TrainingArguments` field) plus the
+    vision-language fields below.
+
+    Defaults that differ from `RewardConfig`:
+    - `remove_unused_columns`: False (the collator needs the image and prompt columns).
+    - `max_length`: not used; the one length limit is `max_seq_length`, and longer rows are dropped, never truncated.
+    - `logging_steps`: 10.
+    - `gradient_checkpointing`: False (TRL: True); the recipes for real models turn it on.
+    """
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A Qwen2.5-VL or MiMo-VL model directory or hub id (a `Qwen2_5_VLForConditionalGeneration` "
+            "checkpoint, or a reward model saved by vlrm)."
+        },
+    )
+    dataset_path: str | None = field(
+        default=None,
+        metadata={"help": "Training preference pairs: .json, .jsonl, .parquet or a `datasets.save_to_disk` dir."},
+    )
+    eval_dataset_path: str | None = field(
+        default=None, metadata={"help": "Held-out preference pairs, evaluated every `eval_steps` when set."}
+    )
+    max_seq_length: int = field(
+        default=4096,
+        metadata={
+            "help": "Longest prompt + response in tokens, visual tokens included. Longer pairs are dropped and "
+            "counted in the log, never truncated (truncation would cut off the token the reward is read at)."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on a fixed, seeded subset of this many pairs (None: all)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on a fixed, seeded subset of this many pairs (None: all)."}
+    )
+    freeze_vit: bool = field(
+        default=False,
+        metadata={
+            "help": "Freeze the vision tower (patch embedding and blocks). The merger, which projects visual "
+            "features into the language model, stays trainable."
+        },
+    )
+    use_irrelevant_queries: bool = field(
+        default=False,
+        metadata={"help": "Add the irrelevant-query loss: a chosen response must score lower under another prompt."},
+    )
+    num_irrelevant_pairs: int = field(
+        default=1, metadata={"help": "Irrelevant prompts drawn per pair and epoch when use_irrelevant_queries."}
+    )
+    irrelevant_loss_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the irrelevant-query loss added to the Bradley-Terry loss."}
+    )
+    irrelevant_mode: Literal["query", "image"] = field(
+        default="query",
+        metadata={
+            "help": "`query`: the chosen response goes under another pair's whole prompt. `image`: keep the "
+            "question text, swap only the image(s)."
+        },
+    )
+    log_dir: str = field(default="logs", metadata={"help": "Where `train_TIMESTAMP.log` is written."})
+
+    # Overridden parent defaults (listed in the class docstring).
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the collator needs the image and prompt columns."}
+    )
+    max_length: int | None = field(default=None, metadata={"help": "Not used: set `max_seq_length` instead."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every this many optimizer steps."})
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute activations in the backward pass to save memory (alias of activation_checkpointing)."},
+    )
+
+    def __post_init__(self):
+        # `gradient_checkpointing` is the name our recipes use; hand it to transformers' newer name ourselves so the
+        # deprecation warning is not printed on every run.
+        if self.gradient_checkpointing is not None and self.activation_checkpointing is None:
+            self.activation_checkpointing, self.gradient_checkpointing = self.gradient_checkpointing, None
+        super().__post_init__()
+        self._check_model_data_arguments()
+        if not self.model_name_or_path:
+            raise ConfigError("model_name_or_path is required (a model directory or hub id).")
+        if not self.dataset_path:
+            raise ConfigError("dataset_path is required (a .json, .jsonl, .parquet file or a save_to_disk dir).")
+        if self.max_length is not None:
+            raise ConfigError("max_length is not used by vlrm: set max_seq_length instead.")
+        if self.max_seq_length <= 0:
+            raise ConfigError(f"max_seq_length must be positive, got {self.max_seq_length}.")
+        if self.num_irrelevant_pairs < 1:
+            raise ConfigError(f"num_irrelevant_pairs must be at least 1, got {self.num_irrelevant_pairs}.")
+        if self.irrelevant_loss_weight < 0:
+            raise ConfigError(f"irrelevant_loss_weight must be >= 0, got {self.irrelevant_loss_weight}.")
+
+
+def _read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")
+    return values
+
+
+def _unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    return ConfigError(f"unknown config key `{key}` in {where}.{hint}")
+
+
+def load_config(config_class: type[ConfigT], path: str | Path | None, overrides: list[str] | None = None) -> ConfigT:
+    """Build ``config_class`` from a YAML/JSON file, then apply ``--key value`` overrides; validate both."""
+    valid = sorted(f.name for f in dataclasses.fields(config_class) if f.init)
+    file_values = _read_config_file(path) if path is not None else {}
+    for key in file_values:
+        if key not in valid:
+            raise _unknown_key_error(key, valid, str(path))
+    parser = HfArgumentParser(config_class)
+    # The file's values become argparse defaults, so the command line wins and types are checked once.
+    for action in parser._actions:
+        if action.dest in file_values:
+            action.required = False
+    parser.set_defaults(**file_values)
+    overrides = list(overrides or [])
+    for token in overrides:
+        if token.startswith("--"):
+            key = token[2:].split("=", 1)[0].replace("-", "_")
+            if key not in valid:
+                raise _unknown_key_error(key, valid, "the command line")
+    (config,) = parser.parse_args_into_dataclasses(args=overrides)
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-safe dict of a config, for logs and result files."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))

@@ -1,0 +1,112 @@
+"""``VLRewardTrainer``: TRL's RewardTrainer for vision-language pairs.
+
+What changes from ``trl.RewardTrainer``: the data is already canonical rows and our collator runs the processor
+(so TRL's tokenisation step is skipped); the model returns one reward per branch, in the order documented in
+``vlrm.batching``; the loss adds the irrelevant-query term; checkpoints carry the processor.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+from trl import RewardTrainer
+
+from vlrm.batching import split_rewards
+
+logger = logging.getLogger(__name__)
+
+PAIR_FIELDS = ("num_pairs", "num_irrelevant", "margin")
+
+
+def reward_losses(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    irrelevant: torch.Tensor | None = None,
+    margin: torch.Tensor | None = None,
+    center_rewards_coefficient: float | None = None,
+    irrelevant_loss_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry loss ``-log sigmoid(r_c - r_r - margin)`` (Bradley & Terry 1952; the margin as in Llama 2,
+    Touvron et al. 2023), optional reward centring (Eisenstein et al. 2023), and the irrelevant-query loss
+    ``mean_j -log sigmoid(r(prompt_i, chosen_i) - r(prompt_j, chosen_i))``. Returns the total and its parts."""
+    difference = chosen - rejected
+    if margin is not None:
+        difference = difference - margin.to(difference)
+    parts = {"bt_loss": -F.logsigmoid(difference).mean()}
+    loss = parts["bt_loss"]
+    if center_rewards_coefficient:
+        loss = loss + center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+    if irrelevant is not None and irrelevant.numel():
+        parts["irrelevant_loss"] = -F.logsigmoid(chosen[:, None] - irrelevant).mean()
+        loss = loss + irrelevant_loss_weight * parts["irrelevant_loss"]
+    return loss, parts
+
+
+class VLRewardTrainer(RewardTrainer):
+    def __init__(self, *args, processor: Any = None, **kwargs):
+        self.processor = processor
+        super().__init__(*args, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset  # canonical rows; the collator does the processing
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt", "images", "chosen", "rejected", "margin", "id", "category"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        num_pairs, num_irrelevant = inputs.pop("num_pairs"), inputs.pop("num_irrelevant")
+        margin = inputs.pop("margin", None)
+        outputs = model(**inputs)
+        chosen, rejected, irrelevant = split_rewards(outputs.rewards, num_pairs, num_irrelevant)
+        loss, parts = reward_losses(
+            chosen,
+            rejected,
+            irrelevant,
+            margin,
+            self.args.center_rewards_coefficient,
+            self.args.irrelevant_loss_weight,
+        )
+        self._record_metrics(mode, chosen, rejected, irrelevant, parts)
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record_metrics(self, mode, chosen, rejected, irrelevant, parts) -> None:
+        gather = self.accelerator.gather_for_metrics
+        chosen, rejected = gather(chosen.detach()), gather(rejected.detach())
+        metrics = self._metrics[mode]
+        # Per-pair values (not per-batch means), so the logged averages are exact over uneven batches.
+        metrics["accuracy"].extend((chosen > rejected).float().tolist())
+        metrics["margin"].extend((chosen - rejected).tolist())
+        metrics["chosen_reward"].extend(chosen.tolist())
+        metrics["rejected_reward"].extend(rejected.tolist())
+        if irrelevant.numel():
+            irrelevant_margin = chosen[:, None] - gather(irrelevant.detach())
+            metrics["irrelevant_accuracy"].extend((irrelevant_margin > 0).float().flatten().tolist())
+            metrics["irrelevant_margin"].extend(irrelevant_margin.flatten().tolist())
+        for name, value in parts.items():
+            metrics[name].append(gather(value.detach()).mean().item())
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.processor is not None and self.args.should_save:
+            self.processor.save_pretrained(output_dir or self.args.output_dir)
+
+
+class LogFileCallback(TrainerCallback):
+    """Writes every Trainer log record (loss, accuracy, learning rate...) to the run's log file."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            logger.info("step %d: %s", state.global_step, {key: round(value, 6) if isinstance(value, float) else value for key, value in logs.items()})
