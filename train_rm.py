@@ -22,7 +22,7 @@ import torch
 import transformers
 from transformers import AutoProcessor, set_seed
 
-from vlrm.batching import PaddedPreferenceCollator, PreferenceEncoder, drop_overlong
+from vlrm.batching import PreferenceEncoder, drop_overlong, make_collator
 from vlrm.config import TrainConfig, config_to_dict, load_config
 from vlrm.data import load_preference_dataset
 from vlrm.model import VLRewardModel
@@ -99,7 +99,7 @@ logger.info("model: %s, %.1fM trainable of %.1fM parameters", config.model_name_
 trainer = VLRewardTrainer(
     model=model,
     args=config,
-    data_collator=PaddedPreferenceCollator(encoder),
+    data_collator=make_collator(encoder),
     train_dataset=train_dataset,
     eval_dataset=eval_dataset,
     processing_class=processor.tokenizer,

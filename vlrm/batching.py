@@ -167,3 +167,8 @@ def drop_overlong(dataset, encoder: PreferenceEncoder, max_seq_length: int):
         else:
             dropped.append(f"{row['id']} ({prompt_length + max(chosen_length, rejected_length)} tokens)")
     return (dataset if not dropped else dataset.select(keep)), dropped
+
+
+def make_collator(encoder: PreferenceEncoder, packing: bool = False):
+    """The collator for a layout. Both return the same fields and the same reward order."""
+    return PaddedPreferenceCollator(encoder)
