@@ -25,6 +25,7 @@ from transformers import AutoProcessor, set_seed
 from vlrm.batching import PreferenceEncoder, drop_overlong, make_collator
 from vlrm.config import TrainConfig, config_to_dict, load_config
 from vlrm.data import load_preference_dataset
+from vlrm.irrelevant import EpochCallback, IrrelevantPairSampler, IrrelevantQueryCollator, with_row_index
 from vlrm.model import VLRewardModel
 from vlrm.trainer import LogFileCallback, VLRewardTrainer
 
@@ -42,7 +43,9 @@ handlers = [logging.StreamHandler()]
 if config.process_index == 0:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     handlers.append(logging.FileHandler(log_path))
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers)
+logging.basicConfig(
+    level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
+)
 transformers.utils.logging.set_verbosity_warning()
 transformers.utils.logging.disable_default_handler()
 transformers.utils.logging.enable_propagation()
@@ -94,17 +97,35 @@ logger.info("model: %s, %.1fM trainable of %.1fM parameters", config.model_name_
             sum(p.numel() for p in model.parameters()) / 1e6)
 
 # ----------------------------------------------------------------------------------------------------------------
+# Collators: each pair's prompt with its chosen and rejected branches (+ irrelevant-query branches)
+
+collator = eval_collator = make_collator(encoder)
+callbacks = [LogFileCallback()]
+if config.use_irrelevant_queries:
+    def irrelevant_collator(dataset):
+        sampler = IrrelevantPairSampler(dataset, config.num_irrelevant_pairs, config.seed, config.irrelevant_mode)
+        return IrrelevantQueryCollator(make_collator(encoder), dataset, sampler)
+
+    train_dataset = with_row_index(train_dataset)
+    collator = irrelevant_collator(train_dataset)
+    callbacks.append(EpochCallback(collator))
+    if eval_dataset is not None:
+        eval_dataset = with_row_index(eval_dataset)
+        eval_collator = irrelevant_collator(eval_dataset)  # epoch stays 0: the same draws at every evaluation
+
+# ----------------------------------------------------------------------------------------------------------------
 # Train
 
 trainer = VLRewardTrainer(
     model=model,
     args=config,
-    data_collator=make_collator(encoder),
+    data_collator=collator,
+    eval_data_collator=eval_collator,
     train_dataset=train_dataset,
     eval_dataset=eval_dataset,
     processing_class=processor.tokenizer,
     processor=processor,
-    callbacks=[LogFileCallback()],
+    callbacks=callbacks,
 )
 trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
 trainer.save_model(config.output_dir)

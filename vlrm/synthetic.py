@@ -1,7 +1,7 @@
 """A deterministic synthetic image preference set where only the pixels decide which answer is right.
 
-Each row shows one shape on a plain background and asks about its colour, its kind or its side. The chosen answer
-describes the image; the rejected answer is the same sentence with another value. Every answer sentence is chosen
+Each image shows one to three shapes of one colour on a plain background; the question asks for the colour or the
+count. The chosen answer describes the image; the rejected answer gives another value. Every answer sentence is chosen
 exactly as often as it is rejected, so a model that ignores the image cannot beat 0.5.
 
     python -m vlrm.synthetic --output_dir .cache/synthetic --num_train 800 --num_eval 200
@@ -18,30 +18,32 @@ from PIL import Image, ImageDraw
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 215, 20)}
 SHAPES = ("circle", "square", "triangle")
-SIDES = ("left", "right")
+COUNTS = {1: "There is one shape.", 2: "There are two shapes.", 3: "There are three shapes."}
 
+# category -> (question, {value: answer sentence})
 QUESTIONS = {
-    "color": ("What color is the shape?", "The shape is {}.", tuple(COLORS)),
-    "shape": ("What shape is in the image?", "It is a {}.", SHAPES),
-    "position": ("Where is the shape?", "It is on the {}.", SIDES),
+    "color": ("What color are the shapes?", {color: f"The shapes are {color}." for color in COLORS}),
+    "count": ("How many shapes are there?", COUNTS),
 }
 
 
-def draw_shape(color: str, shape: str, side: str, size: int, rng: random.Random) -> Image.Image:
+def draw_shapes(color: str, count: int, size: int, rng: random.Random) -> Image.Image:
+    """``count`` shapes of one colour at non-overlapping places on a light background."""
     image = Image.new("RGB", (size, size), (245, 245, 245))
     draw = ImageDraw.Draw(image)
-    radius = size // 5
-    center_x = size // 4 if side == "left" else 3 * size // 4
-    center_x += rng.randint(-size // 16, size // 16)
-    center_y = size // 2 + rng.randint(-size // 6, size // 6)
-    box = (center_x - radius, center_y - radius, center_x + radius, center_y + radius)
-    fill = COLORS[color]
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon([(center_x, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
+    radius = size // 9
+    cells = [(x, y) for x in range(3) for y in range(3)]
+    for cell_x, cell_y in rng.sample(cells, count):
+        center_x = (2 * cell_x + 1) * size // 6 + rng.randint(-2, 2)
+        center_y = (2 * cell_y + 1) * size // 6 + rng.randint(-2, 2)
+        box = (center_x - radius, center_y - radius, center_x + radius, center_y + radius)
+        shape = rng.choice(SHAPES)
+        if shape == "circle":
+            draw.ellipse(box, fill=COLORS[color])
+        elif shape == "square":
+            draw.rectangle(box, fill=COLORS[color])
+        else:
+            draw.polygon([(center_x, box[1]), (box[0], box[3]), (box[2], box[3])], fill=COLORS[color])
     return image
 
 
@@ -62,25 +64,23 @@ def make_split(output_dir: Path, split: str, num_rows: int, seed: int, image_siz
     image_dir.mkdir(parents=True, exist_ok=True)
     categories = list(QUESTIONS)
     counts = {c: len(range(i, num_rows, len(categories))) for i, c in enumerate(categories)}
-    per_category = {c: _balanced_pairs(QUESTIONS[c][2], counts[c], rng) for c in categories}
+    per_category = {c: _balanced_pairs(tuple(QUESTIONS[c][1]), counts[c], rng) for c in categories}
     rows = []
     for index in range(num_rows):
         category = categories[index % len(categories)]
-        question, template, _ = QUESTIONS[category]
+        question, answers = QUESTIONS[category]
         true_value, wrong_value = per_category[category][index // len(categories)]
-        attributes = {"color": rng.choice(tuple(COLORS)), "shape": rng.choice(SHAPES), "side": rng.choice(SIDES)}
-        attributes["side" if category == "position" else category] = true_value
+        color = true_value if category == "color" else rng.choice(tuple(COLORS))
+        count = true_value if category == "count" else rng.choice(tuple(COUNTS))
         image_name = f"{split}_{index:05d}.png"
-        draw_shape(attributes["color"], attributes["shape"], attributes["side"], image_size, rng).save(
-            image_dir / image_name
-        )
+        draw_shapes(color, count, image_size, rng).save(image_dir / image_name)
         rows.append(
             {
                 "id": f"{split}-{index:05d}",
                 "question": question,
                 "images": [f"images/{image_name}"],
-                "chosen": template.format(true_value),
-                "rejected": template.format(wrong_value),
+                "chosen": answers[true_value],
+                "rejected": answers[wrong_value],
                 "category": category,
             }
         )

@@ -47,9 +47,21 @@ def reward_losses(
 
 
 class VLRewardTrainer(RewardTrainer):
-    def __init__(self, *args, processor: Any = None, **kwargs):
+    def __init__(self, *args, processor: Any = None, eval_data_collator: Any = None, **kwargs):
         self.processor = processor
+        self.eval_data_collator = eval_data_collator
         super().__init__(*args, **kwargs)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        # Evaluation draws irrelevant prompts from the eval set with a fixed epoch, so the training collator (which
+        # draws from the training set) cannot be reused.
+        if self.eval_data_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # canonical rows; the collator does the processing
@@ -97,6 +109,26 @@ class VLRewardTrainer(RewardTrainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    # transformers saves Qwen2.5-VL weights under their original (pre-4.52) names and converts them back only in
+    # `from_pretrained`; the Trainer's own resume / best-model loading uses a non-strict `load_state_dict` on the
+    # raw file, which silently loads nothing but the score head. Load through `from_pretrained`, strictly.
+    def _load_weights(self, checkpoint_dir: str) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        reloaded = type(model).from_pretrained(checkpoint_dir, dtype=next(model.parameters()).dtype)
+        model.load_state_dict(reloaded.state_dict(), strict=True)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or model is not None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        logger.info("loading weights from %s", resume_from_checkpoint)
+        self._load_weights(resume_from_checkpoint)
+
+    def _load_best_model(self):
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        logger.info("loading best model from %s", self.state.best_model_checkpoint)
+        self._load_weights(self.state.best_model_checkpoint)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)

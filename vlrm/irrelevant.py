@@ -1,0 +1,119 @@
+"""Irrelevant-query augmentation: a pair's chosen response placed under another pair's prompt.
+
+A reward model must not score a fluent answer highly when it does not answer the image and question it is shown.
+For pair i we draw ``num_irrelevant_pairs`` other pairs j and add the branch (prompt_j, chosen_i); the loss
+(``vlrm.trainer.reward_losses``) asks r(prompt_i, chosen_i) > r(prompt_j, chosen_i).
+
+A partner j is valid when it is not i, its images differ from i's (for text-only rows: its question differs), and its
+chosen response differs from i's (else chosen_i may be right under prompt_j too). Draws are seeded by
+(seed, epoch, i): the same on every process, different every epoch.
+
+Modes: ``query`` swaps the whole prompt (j's images and question); ``image`` keeps i's question and swaps only the
+images, which tests visual grounding. In ``image`` mode a partner must have as many images as i; a text-only row has
+no image to swap and falls back to ``query``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+import datasets
+import numpy as np
+from transformers import TrainerCallback
+
+ROW_INDEX = "row_index"
+
+
+def _image_key(image: dict) -> str:
+    if image.get("bytes") is not None:
+        return hashlib.sha1(image["bytes"]).hexdigest()
+    return str(image["path"])
+
+
+def prompt_keys(dataset: datasets.Dataset) -> list[tuple]:
+    """What makes two prompts the same for this purpose: their images, or their text when they have none."""
+    undecoded = dataset.select_columns(["images", "prompt"]).cast_column(
+        "images", datasets.List(datasets.Image(decode=False))
+    )
+    keys = []
+    for row in undecoded:
+        images = tuple(_image_key(image) for image in row["images"])
+        keys.append(images if images else ("text", json.dumps(row["prompt"], sort_keys=True)))
+    return keys
+
+
+class IrrelevantPairSampler:
+    def __init__(self, dataset: datasets.Dataset, num_pairs: int, seed: int, mode: str = "query"):
+        self.num_pairs, self.seed, self.mode = num_pairs, seed, mode
+        self.keys = prompt_keys(dataset)
+        self.chosen = dataset["chosen"]
+        self.image_counts = [len(key) if key[:1] != ("text",) else 0 for key in self.keys]
+
+    def _valid(self, index: int, other: int) -> bool:
+        if other == index or self.keys[other] == self.keys[index] or self.chosen[other] == self.chosen[index]:
+            return False
+        if self.mode == "image" and self.image_counts[index]:
+            return self.image_counts[other] == self.image_counts[index]
+        return True
+
+    def partners(self, index: int, epoch: int) -> list[int]:
+        """``num_pairs`` distinct valid partners of row ``index`` for ``epoch``."""
+        rng = np.random.default_rng([self.seed, epoch, index])
+        size = len(self.keys)
+        chosen: list[int] = []
+        for _ in range(64 * self.num_pairs):  # rejection sampling: valid partners are the vast majority
+            other = int(rng.integers(size))
+            if other not in chosen and self._valid(index, other):
+                chosen.append(other)
+                if len(chosen) == self.num_pairs:
+                    return chosen
+        candidates = [other for other in rng.permutation(size).tolist() if self._valid(index, other)]
+        candidates = [other for other in candidates if other not in chosen]
+        if len(chosen) + len(candidates) < self.num_pairs:
+            raise ValueError(
+                f"row {index}: only {len(chosen) + len(candidates)} other pairs have different images and a "
+                f"different chosen response; num_irrelevant_pairs={self.num_pairs} needs more"
+            )
+        return chosen + candidates[: self.num_pairs - len(chosen)]
+
+
+class IrrelevantQueryCollator:
+    """Wraps a layout collator: attaches ``irrelevant`` prompts to every example, then collates.
+
+    Examples need a ``row_index`` column (``with_row_index``). ``epoch`` is set by ``EpochCallback``.
+    """
+
+    def __init__(self, collator: Callable, dataset: datasets.Dataset, sampler: IrrelevantPairSampler):
+        self.collator, self.dataset, self.sampler = collator, dataset, sampler
+        self.epoch = 0
+
+    def irrelevant_prompts(self, example: dict) -> list[dict[str, Any]]:
+        prompts = []
+        for other_index in self.sampler.partners(example[ROW_INDEX], self.epoch):
+            other = self.dataset[other_index]
+            if self.sampler.mode == "image" and example["images"]:
+                prompts.append({"prompt": example["prompt"], "images": other["images"]})
+            else:
+                prompts.append({"prompt": other["prompt"], "images": other["images"]})
+        return prompts
+
+    def __call__(self, examples: list[dict]) -> dict[str, Any]:
+        examples = [dict(example, irrelevant=self.irrelevant_prompts(example)) for example in examples]
+        return self.collator(examples)
+
+
+def with_row_index(dataset: datasets.Dataset) -> datasets.Dataset:
+    return dataset.add_column(ROW_INDEX, list(range(len(dataset))))
+
+
+class EpochCallback(TrainerCallback):
+    """Tells the irrelevant-query collator which epoch starts, so partners are redrawn each epoch."""
+
+    def __init__(self, collator: IrrelevantQueryCollator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.epoch = int(state.epoch or 0)
