@@ -43,6 +43,12 @@ def test_invalid_choice_is_rejected(config_file):
         load_config(TrainConfig, config_file, ["--attn_implementation", "flash"])
 
 
+def test_invalid_choice_in_file_is_rejected(config_file):
+    config_file.write_text(config_file.read_text() + "on_bad_sample: skipp\n")
+    with pytest.raises(ConfigError, match="on_bad_sample='skipp' is not one of: error, skip"):
+        load_config(TrainConfig, config_file)
+
+
 def test_max_length_points_to_max_seq_length(config_file):
     with pytest.raises(ConfigError, match="max_seq_length"):
         load_config(TrainConfig, config_file, ["--max_length", "100"])

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_train(tmp_path, tiny_model_dir, synthetic_dir, *overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "config.yaml"
     config.write_text(
         f"model_name_or_path: {tiny_model_dir}\n"

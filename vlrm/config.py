@@ -15,7 +15,7 @@ import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 from transformers import HfArgumentParser
@@ -72,6 +72,11 @@ class ModelDataArguments:
     )
 
     def _check_model_data_arguments(self) -> None:
+        # Values from the YAML file reach argparse as defaults, which it never checks against `choices`.
+        for name, hint in get_type_hints(type(self)).items():
+            if get_origin(hint) is Literal and getattr(self, name) not in get_args(hint):
+                choices = ", ".join(map(str, get_args(hint)))
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of: {choices}.")
         if self.attn_implementation == "flash_attention_2":
             check_flash_attention_available()
         for name in ("min_pixels", "max_pixels"):
@@ -224,3 +229,71 @@ def load_config(config_class: type[ConfigT], path: str | Path | None, overrides:
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A JSON-safe dict of a config, for logs and result files."""
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+@dataclass
+class EvalConfig(ModelDataArguments):
+    """Everything `eval_rm.py` reads: which runs to sweep, the preference set, and how to load each checkpoint.
+
+    Results go to `results_dir/output_file` (CSV), the same name with `.json` and `.png`, and per-pair scores to
+    `results_dir/<output_file stem>_pairs/`. A (model_dir, checkpoint, dataset_path, max_eval_samples) already
+    in the results is skipped unless `force` or its weights changed since; dtype, seed and pixel limits are not part
+    of that key, so change `output_file` (or pass `--force`) when comparing those.
+    """
+
+    model_dirs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Training output dirs to sweep; each holds `checkpoint-*` dirs and/or a final model at its top "
+            "level (a single model dir works too)."
+        },
+    )
+    dataset_path: str | None = field(
+        default=None,
+        metadata={"help": "Held-out preference pairs: .json, .jsonl, .parquet or a `datasets.save_to_disk` dir."},
+    )
+    base_model_path: str | None = field(
+        default=None,
+        metadata={"help": "The model the runs started from; its processor is used for checkpoints saved without one."},
+    )
+    checkpoint_pattern: str = field(
+        default="checkpoint-*",
+        metadata={
+            "help": "Glob for checkpoint dirs inside each model dir. The final model in the dir is always added."
+        },
+    )
+    eval_batch_size: int = field(default=8, metadata={"help": "Pairs per forward pass (each pair is two sequences)."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate a fixed, seeded subset of this many pairs (None: all)."}
+    )
+    output_file: str = field(
+        default="evaluation_results.csv",
+        metadata={"help": "CSV file name under `results_dir`; the JSON and PNG take the same name."},
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
+        default="auto",
+        metadata={"help": "Weight dtype for scoring; `auto` keeps the dtype the checkpoint was saved in."},
+    )
+    seed: int = field(
+        default=42, metadata={"help": "Seed of the `max_eval_samples` subset and the bootstrap interval."}
+    )
+    force: bool = field(default=False, metadata={"help": "Re-evaluate checkpoints already in the results."})
+    log_dir: str = field(default="logs", metadata={"help": "Where `eval_TIMESTAMP.log` is written."})
+    results_dir: str = field(default="evaluation_results", metadata={"help": "Where the results are written."})
+
+    def __post_init__(self):
+        self._check_model_data_arguments()
+        if isinstance(self.model_dirs, str):
+            self.model_dirs = [self.model_dirs]
+        if not self.model_dirs:
+            raise ConfigError("model_dirs is required: a list of training output dirs (or model dirs) to evaluate.")
+        if not self.dataset_path:
+            raise ConfigError("dataset_path is required (a .json, .jsonl, .parquet file or a save_to_disk dir).")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"eval_batch_size must be at least 1, got {self.eval_batch_size}.")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise ConfigError(f"max_eval_samples must be at least 1 (or null for all), got {self.max_eval_samples}.")
+        if Path(self.output_file).suffix != ".csv":
+            raise ConfigError(f"output_file must end in .csv, got `{self.output_file}`.")
+        if not self.checkpoint_pattern:
+            raise ConfigError("checkpoint_pattern must not be empty (default: checkpoint-*).")

@@ -5,8 +5,10 @@ For pair i we draw ``num_irrelevant_pairs`` other pairs j and add the branch (pr
 (``vlrm.trainer.reward_losses``) asks r(prompt_i, chosen_i) > r(prompt_j, chosen_i).
 
 A partner j is valid when it is not i, its images differ from i's (for text-only rows: its question differs), and its
-chosen response differs from i's (else chosen_i may be right under prompt_j too). Draws are seeded by
-(seed, epoch, i): the same on every process, different every epoch.
+chosen response differs from i's (else chosen_i may be right under prompt_j too). Partners come from the same
+micro-batch when it holds enough valid ones, so in the packed layout the extra branch reuses a prompt that is computed
+anyway and costs only its response tokens; otherwise from the whole dataset. Draws are seeded by (seed, epoch, i):
+the same on every process, different every epoch (and the shuffled batches differ every epoch too).
 
 Modes: ``query`` swaps the whole prompt (j's images and question); ``image`` keeps i's question and swaps only the
 images, which tests visual grounding. In ``image`` mode a partner must have as many images as i; a text-only row has
@@ -59,9 +61,14 @@ class IrrelevantPairSampler:
             return self.image_counts[other] == self.image_counts[index]
         return True
 
-    def partners(self, index: int, epoch: int) -> list[int]:
-        """``num_pairs`` distinct valid partners of row ``index`` for ``epoch``."""
+    def partners(self, index: int, epoch: int, pool: list[int] | None = None) -> list[int]:
+        """``num_pairs`` distinct valid partners of row ``index`` for ``epoch``, from ``pool`` (the micro-batch's row
+        indices) when it has enough, else from the whole dataset."""
         rng = np.random.default_rng([self.seed, epoch, index])
+        if pool is not None:
+            in_pool = [other for other in pool if self._valid(index, other)]
+            if len(in_pool) >= self.num_pairs:
+                return [in_pool[i] for i in rng.permutation(len(in_pool))[: self.num_pairs].tolist()]
         size = len(self.keys)
         chosen: list[int] = []
         for _ in range(64 * self.num_pairs):  # rejection sampling: valid partners are the vast majority
@@ -90,9 +97,9 @@ class IrrelevantQueryCollator:
         self.collator, self.dataset, self.sampler = collator, dataset, sampler
         self.epoch = 0
 
-    def irrelevant_prompts(self, example: dict) -> list[dict[str, Any]]:
+    def irrelevant_prompts(self, example: dict, pool: list[int] | None = None) -> list[dict[str, Any]]:
         prompts = []
-        for other_index in self.sampler.partners(example[ROW_INDEX], self.epoch):
+        for other_index in self.sampler.partners(example[ROW_INDEX], self.epoch, pool):
             other = self.dataset[other_index]
             if self.sampler.mode == "image" and example["images"]:
                 prompts.append({"prompt": example["prompt"], "images": other["images"]})
@@ -101,7 +108,8 @@ class IrrelevantQueryCollator:
         return prompts
 
     def __call__(self, examples: list[dict]) -> dict[str, Any]:
-        examples = [dict(example, irrelevant=self.irrelevant_prompts(example)) for example in examples]
+        pool = [example[ROW_INDEX] for example in examples]
+        examples = [dict(example, irrelevant=self.irrelevant_prompts(example, pool)) for example in examples]
         return self.collator(examples)
 
 

@@ -1,0 +1,359 @@
+"""Evaluate every checkpoint of one or more reward-model runs on a held-out preference set.
+
+One process (CPU demo, or one GPU):
+    python eval_rm.py training_configs/eval_config_example.yaml
+    ./run_eval.sh                                                  # the same config, default device
+    ./run_eval.sh training_configs/eval_config_example7b.yaml 0    # GPU 0 (sets CUDA_VISIBLE_DEVICES)
+Override any config key on the command line (`python eval_rm.py --help` lists them):
+    python eval_rm.py training_configs/eval_config_example.yaml --max_eval_samples 200
+    python eval_rm.py CONFIG --model_dirs outputs/run_a outputs/run_b --force
+
+Each model dir gives its `checkpoint-*` dirs in step order, then its final model (`final`). Outputs, with the default
+output_file `evaluation_results.csv`:
+    evaluation_results/evaluation_results.csv    one row per model x checkpoint, sorted by model then step: status
+                                                 (ok | error) and error, accuracy with a 95% bootstrap interval,
+                                                 num_ties, margin mean/std, num_pairs, accuracy per category
+                                                 (accuracy/<category>) and their macro mean, reward mean/std (to
+                                                 normalise rewards in RL), step, wall_time_s (load + score) and
+                                                 pairs_per_s (scoring only)
+    evaluation_results/evaluation_results.json   the config, the same rows with per_category nested, and the errors
+    evaluation_results/evaluation_results_pairs/<model>__<checkpoint>__<dataset>.csv
+                                                 per-pair scores: id, category, chosen_score, rejected_score. One
+                                                 small CSV per checkpoint, so finishing one never rewrites another
+                                                 and each opens directly in pandas or a spreadsheet.
+    evaluation_results/evaluation_results.png    accuracy and its interval against step, one line per model
+    logs/eval_TIMESTAMP.log                      the full log
+
+Ties (chosen == rejected) count as wrong, as RewardBench scores them, and are counted in num_ties.
+
+Crash-safe and resumable: after every checkpoint the results are rewritten atomically (temporary file, then rename),
+so a killed sweep loses only the checkpoint in progress. Running the same command again skips each (model_dir,
+checkpoint, dataset_path, max_eval_samples) already scored, unless its weights changed since (a re-run training
+overwrote it); `--force` re-evaluates all, and error rows are always retried. A checkpoint that cannot be loaded
+becomes a row with status `error` and the reason, and the sweep goes on; the exit code is then 1. Checkpoints are
+only read, never written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import transformers
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser
+
+from vlrm.checkpoints import CheckpointError, find_checkpoints, weights_mtime
+from vlrm.config import EvalConfig, config_to_dict, load_config
+from vlrm.data import load_preference_dataset
+from vlrm.metrics import evaluate_pairs
+from vlrm.scoring import RewardScorer
+
+logger = logging.getLogger("vlrm.eval")
+
+# What makes a result reusable by a later run. dtype, seed and pixel limits are not part of it (see EvalConfig).
+RESULT_KEY = ("model_dir", "checkpoint", "dataset_path", "max_eval_samples")
+# CSV column order: these first, then per-category accuracies, then any other metric a row carries (so one added
+# later, such as the irrelevant-query metrics, reaches the CSV and the JSON with no change here), then bookkeeping.
+LEADING_COLUMNS = [
+    "model", "checkpoint", "step", "status", "error", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "num_ties",
+    "margin_mean", "margin_std", "num_pairs", "reward_mean", "reward_std", "wall_time_s", "pairs_per_s",
+    "macro_accuracy",
+]  # fmt: skip
+TRAILING_COLUMNS = [
+    "model_dir", "checkpoint_path", "dataset_path", "max_eval_samples", "dtype", "seed", "weights_mtime", "pairs_file",
+    "evaluated_at",
+]  # fmt: skip
+TABLE_COLUMNS = [
+    "model", "checkpoint", "step", "status", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "num_ties",
+    "macro_accuracy", "margin_mean", "reward_mean", "reward_std", "num_pairs", "pairs_per_s", "error",
+]  # fmt: skip
+
+
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` then rename over ``path``: readers, and a run killed half-way, see the old file or the new
+    one, never part of one (``os.replace`` is atomic within one filesystem, hence the tmp file's dir)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def result_key(row: dict) -> tuple:
+    return tuple(row[name] for name in RESULT_KEY)
+
+
+def sort_rows(rows: list[dict]) -> list[dict]:
+    return sorted(
+        rows,
+        key=lambda row: (row["model"], row["step"] is None, row["step"] or 0, row["dataset_path"], row["checkpoint"]),
+    )
+
+
+def read_results(json_path: Path) -> list[dict]:
+    if not json_path.exists():
+        return []
+    try:
+        return json.loads(json_path.read_text())["results"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise SystemExit(
+            f"{json_path}: not a results file ({error}); move it away or set another output_file"
+        ) from None
+
+
+def results_frame(rows: list[dict]) -> pd.DataFrame:
+    """One flat row per result: ``per_category`` becomes ``accuracy/<category>`` columns."""
+    flat = []
+    for row in rows:
+        row = dict(row)
+        for category, values in (row.pop("per_category", None) or {}).items():
+            row[f"accuracy/{category}"] = values["accuracy"]
+        flat.append(row)
+    frame = pd.DataFrame(flat)
+    leading = [column for column in LEADING_COLUMNS if column in frame]
+    leading += sorted(column for column in frame if column.startswith("accuracy/") and column not in leading)
+    trailing = [column for column in TRAILING_COLUMNS if column in frame]
+    frame = frame[leading + [column for column in frame if column not in leading + trailing] + trailing]
+    # Nullable ints: an error row's missing count must not turn every count into a float.
+    return frame.astype({column: "Int64" for column in ("step", "num_ties", "num_pairs") if column in frame})
+
+
+def write_results(rows: list[dict], config: EvalConfig, csv_path: Path, json_path: Path) -> None:
+    rows = sort_rows(rows)
+    errors = [
+        {name: row[name] for name in ("model", "checkpoint", "dataset_path", "error")}
+        for row in rows
+        if row["status"] == "error"
+    ]
+    payload = {"config": config_to_dict(config), "results": rows, "errors": errors}
+    # The JSON first: it is what a resumed run reads, so the CSV can never claim a row the JSON lacks.
+    write_atomically(json_path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
+    write_atomically(csv_path, lambda tmp: results_frame(rows).to_csv(tmp, index=False))
+
+
+def write_plot(rows: list[dict], plot_path: Path, title: str) -> None:
+    """Accuracy against step per model, the bootstrap interval shaded; a final model whose step is unknown is a
+    dashed line across, so runs saved without checkpoints still show up."""
+    figure = Figure(figsize=(8, 5), layout="constrained")
+    axes = figure.subplots()
+    ok_rows = [row for row in sort_rows(rows) if row["status"] == "ok"]
+    for index, model in enumerate(dict.fromkeys(row["model"] for row in ok_rows)):
+        color = f"C{index % 10}"
+        model_rows = [row for row in ok_rows if row["model"] == model]
+        stepped = [row for row in model_rows if row["step"] is not None]
+        if stepped:
+            steps = [row["step"] for row in stepped]
+            axes.plot(steps, [row["accuracy"] for row in stepped], marker="o", color=color, label=model)
+            low, high = [row["accuracy_ci_low"] for row in stepped], [row["accuracy_ci_high"] for row in stepped]
+            axes.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
+        for row in model_rows:
+            if row["step"] is None:
+                axes.axhline(row["accuracy"], color=color, linestyle="--", label=f"{model} ({row['checkpoint']})")
+    axes.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="chance")
+    axes.set(xlabel="step", ylabel="preference accuracy (ties count as wrong)", ylim=(-0.02, 1.02), title=title)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best", fontsize="small")
+    write_atomically(plot_path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+
+
+@contextmanager
+def run_logging(log_path: Path):
+    """The run's log on the console and in ``log_path`` for the length of one run, then the handlers are removed
+    (``main`` may run several times in one process, as the tests do)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handlers = [logging.StreamHandler(), logging.FileHandler(log_path)]
+    root = logging.getLogger()
+    previous_level, progress_bars = root.level, transformers.utils.logging.is_progress_bar_enabled()
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+    transformers.utils.logging.disable_progress_bar()  # one bar per weight load would bury ours
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(previous_level)
+        if progress_bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def sweep(config: EvalConfig, config_path: str, log_path: Path) -> int:
+    """The whole evaluation, top to bottom; returns the exit code (1 when a checkpoint of this sweep failed)."""
+    # ------------------------------------------------------------------------------------------------------------
+    # Config and outputs
+
+    logger.info("config %s: %s", config_path, config_to_dict(config))
+    logger.info(
+        "device: %s (CUDA_VISIBLE_DEVICES=%s)",
+        torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
+    )
+
+    csv_path = Path(config.results_dir) / config.output_file
+    json_path, plot_path = csv_path.with_suffix(".json"), csv_path.with_suffix(".png")
+    pairs_dir = csv_path.with_name(f"{csv_path.stem}_pairs")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Checkpoints, minus those already in the results
+
+    dataset_path = str(Path(config.dataset_path).resolve())
+    if not Path(dataset_path).exists():
+        raise FileNotFoundError(f"dataset_path not found: {config.dataset_path}")
+    results = read_results(json_path)
+    previous = {result_key(row): row for row in results if row["status"] == "ok"}
+    sweep_keys, todo = [], []
+    for model_dir in config.model_dirs:
+        checkpoints = find_checkpoints(model_dir, config.checkpoint_pattern)
+        if not checkpoints:
+            logger.warning("%s: no dir matching %s and no final model", model_dir, config.checkpoint_pattern)
+        for checkpoint in checkpoints:
+            key = (str(Path(model_dir).resolve()), checkpoint.name, dataset_path, config.max_eval_samples)
+            sweep_keys.append(key)
+            done = previous.get(key)
+            if done is not None and not config.force and done.get("weights_mtime") == weights_mtime(checkpoint.path):
+                continue
+            if done is not None and not config.force:
+                logger.info(
+                    "%s/%s: weights changed since it was evaluated; evaluating again", model_dir, checkpoint.name
+                )
+            todo.append((model_dir, checkpoint))
+    if not sweep_keys:
+        logger.error("nothing to evaluate in %s", ", ".join(config.model_dirs))
+        return 1
+    logger.info(
+        "%d checkpoints in %d model dirs: %d to evaluate, %d already in %s",
+        len(sweep_keys), len(config.model_dirs), len(todo), len(sweep_keys) - len(todo), json_path,
+    )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Data (loaded only when something is left to score)
+
+    if todo:
+        dataset, report = load_preference_dataset(
+            config.dataset_path, config.on_bad_sample, config.max_eval_samples, config.seed
+        )
+        logger.info(report.summary())
+        pair_ids, categories = list(dataset["id"]), list(dataset["category"])
+        dataset_tag = Path(dataset_path).stem + (f"-n{config.max_eval_samples}" if config.max_eval_samples else "")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Sweep: load, score, compute metrics; write every output after every checkpoint
+
+    for model_dir, checkpoint in tqdm(todo, desc="checkpoints", unit="ckpt", disable=not todo):
+        model_name = Path(model_dir).as_posix()
+        row: dict[str, Any] = {
+            "model": model_name,
+            "checkpoint": checkpoint.name,
+            "step": checkpoint.step,
+            "model_dir": str(Path(model_dir).resolve()),
+            "checkpoint_path": str(checkpoint.path),
+            "dataset_path": dataset_path,
+            "max_eval_samples": config.max_eval_samples,
+            "dtype": config.dtype,
+            "seed": config.seed,
+            "weights_mtime": weights_mtime(checkpoint.path),
+        }
+        started = time.perf_counter()
+        scorer = None
+        try:
+            scorer = RewardScorer.from_pretrained(
+                checkpoint.path,
+                base_model_path=config.base_model_path,
+                dtype=config.dtype,
+                attn_implementation=config.attn_implementation,
+                min_pixels=config.min_pixels,
+                max_pixels=config.max_pixels,
+            )
+            scoring_started = time.perf_counter()
+            scores = scorer.score_pairs(dataset, config.eval_batch_size, desc=checkpoint.name)
+            scoring_time = time.perf_counter() - scoring_started
+            metrics = evaluate_pairs(scores.chosen, scores.rejected, categories, seed=config.seed)
+        except Exception as error:  # one bad checkpoint (corrupt file, NaN weights, OOM) must not end the sweep
+            unexpected = not isinstance(error, CheckpointError)
+            logger.error("%s/%s: %s", model_name, checkpoint.name, error, exc_info=unexpected)
+            row.update(status="error", error=f"{type(error).__name__}: {error}")
+        else:
+            safe_model = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_")
+            pairs_file = pairs_dir / f"{safe_model}__{checkpoint.name}__{dataset_tag}.csv"
+            pair_scores = pd.DataFrame(
+                {
+                    "id": pair_ids,
+                    "category": categories,
+                    "chosen_score": scores.chosen,
+                    "rejected_score": scores.rejected,
+                }
+            )
+            write_atomically(pairs_file, lambda tmp, frame=pair_scores: frame.to_csv(tmp, index=False))
+            row.update(status="ok", error=None, **metrics)
+            row.update(pairs_per_s=metrics["num_pairs"] / scoring_time, pairs_file=str(pairs_file))
+            logger.info(
+                "%s/%s: accuracy %.4f [%.4f, %.4f], %d ties, margin %.4f, macro %s, %d pairs at %.1f pairs/s",
+                model_name, checkpoint.name, metrics["accuracy"], metrics["accuracy_ci_low"],
+                metrics["accuracy_ci_high"], metrics["num_ties"], metrics["margin_mean"],
+                "n/a" if metrics["macro_accuracy"] is None else f"{metrics['macro_accuracy']:.4f}",
+                metrics["num_pairs"], row["pairs_per_s"],
+            )  # fmt: skip
+        finally:
+            del scorer
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        row.update(wall_time_s=time.perf_counter() - started, evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        results = [result for result in results if result_key(result) != result_key(row)] + [row]
+        write_results(results, config, csv_path, json_path)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Table and plot of this sweep
+
+    in_sweep = set(sweep_keys)
+    sweep_rows = sort_rows([row for row in results if result_key(row) in in_sweep])
+    table = results_frame(sweep_rows)
+    table = table[[column for column in TABLE_COLUMNS if column in table]]
+    if "error" in table:
+        table["error"] = table["error"].fillna("").astype(str).str.slice(0, 80)
+    with pd.option_context("display.width", 250, "display.max_columns", None):
+        logger.info("results on %s:\n%s", config.dataset_path, table.to_string(index=False, float_format="%.4g"))
+    num_pairs = next((row["num_pairs"] for row in sweep_rows if row["status"] == "ok"), 0)
+    write_plot(sweep_rows, plot_path, f"{Path(config.dataset_path).name}, {num_pairs} pairs")
+
+    failed = [row for row in sweep_rows if row["status"] == "error"]
+    for row in failed:
+        logger.error("%s/%s failed: %s", row["model"], row["checkpoint"], row["error"])
+    logger.info(
+        "results: %s, %s, %s; per-pair scores in %s/; log: %s", csv_path, json_path, plot_path, pairs_dir, log_path
+    )
+    return 1 if failed else 0
+
+
+def main(argv: list[str]) -> int:
+    """``eval_rm.py CONFIG [--key value ...]``: returns the exit code."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__ + "\nConfig keys:\n" + HfArgumentParser(EvalConfig).format_help())
+        return 0 if argv else 2
+    config = load_config(EvalConfig, argv[0], argv[1:])
+    log_path = Path(config.log_dir) / f"eval_{time.strftime('%Y%m%d_%H%M%S')}.log"
+    with run_logging(log_path):
+        return sweep(config, argv[0], log_path)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,115 @@
+"""Finding the checkpoints of a training run, in step order.
+
+A training output dir holds ``checkpoint-<step>/`` dirs (saved every ``save_steps``) and, once training finishes,
+the final model at its top level. Both are listed; a dir counts as a model when it has ``config.json`` and weights.
+Matching checkpoint dirs are listed even without weights, so that a broken save shows up in a sweep as an error
+rather than disappearing; ``check_loadable`` says what is wrong with one before any weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+FINAL = "final"
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+WEIGHT_GLOBS = ("model*.safetensors", "pytorch_model*.bin", "*.index.json")
+
+_STEP = re.compile(r"(?:^|[-_])(?:step)?(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint dir that cannot be loaded, with the reason and the fix."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """``name`` is the dir name, or ``"final"`` for the model at the top of the run dir; ``step`` is None when
+    it cannot be known."""
+
+    name: str
+    path: Path
+    step: int | None
+
+
+def parse_step(name: str) -> int | None:
+    """The training step a checkpoint name ends with: ``checkpoint-200`` -> 200, ``step_50`` -> 50, else None."""
+    match = _STEP.search(name)
+    return int(match.group(1)) if match else None
+
+
+def has_weights(path: str | Path) -> bool:
+    return any((Path(path) / name).is_file() for name in WEIGHT_FILES)
+
+
+def weights_mtime(path: str | Path) -> float | None:
+    """Newest modification time of the weight files, or None without any: when it changes, the checkpoint was
+    overwritten (a training run started again into the same dir) and an earlier score of it is stale."""
+    files = [file for pattern in WEIGHT_GLOBS for file in Path(path).glob(pattern)]
+    return max((file.stat().st_mtime for file in files), default=None)
+
+
+def is_model_dir(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file() and has_weights(path)
+
+
+def _trainer_state(path: Path) -> dict:
+    try:
+        return json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _final_step(model_dir: Path, checkpoints: list[Checkpoint]) -> int | None:
+    """The step of the final model: its own trainer_state.json, else the run length recorded by the newest
+    checkpoint (``max_steps``), which is where a run that finished saved its final model."""
+    if "global_step" in (state := _trainer_state(model_dir)):
+        return int(state["global_step"])
+    for checkpoint in reversed(checkpoints):
+        if "max_steps" in (state := _trainer_state(checkpoint.path)):
+            return int(state["max_steps"])
+    return None
+
+
+def find_checkpoints(model_dir: str | Path, pattern: str = "checkpoint-*") -> list[Checkpoint]:
+    """Dirs in ``model_dir`` matching ``pattern``, by step (numerically: 5 before 10; names without a step last),
+    then the final model at the top of ``model_dir`` when there is one. A ``model_dir`` that is itself a model and
+    holds no checkpoints gives just ``final``."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model dir not found: {model_dir}")
+    checkpoints = [
+        Checkpoint(path.name, path, parse_step(path.name)) for path in model_dir.glob(pattern) if path.is_dir()
+    ]
+    checkpoints.sort(key=lambda checkpoint: (checkpoint.step is None, checkpoint.step or 0, checkpoint.name))
+    if is_model_dir(model_dir):
+        checkpoints.append(Checkpoint(FINAL, model_dir, _final_step(model_dir, checkpoints)))
+    return checkpoints
+
+
+def check_loadable(path: str | Path) -> None:
+    """Raise ``CheckpointError`` with the fix when ``path`` lacks a config or weights that vlrm can load."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json (an incomplete save?)")
+    if has_weights(path):
+        return
+    if (path / "adapter_config.json").is_file():
+        raise CheckpointError(f"{path}: holds a LoRA adapter only; merge it into the base model before evaluating")
+    if any(path.glob("global_step*")):
+        raise CheckpointError(
+            f"{path}: holds DeepSpeed ZeRO shards only (global_step*/); consolidate them with "
+            f"`python {path}/zero_to_fp32.py {path} {path}` or set stage3_gather_16bit_weights_on_model_save: true"
+        )
+    raise CheckpointError(f"{path}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
