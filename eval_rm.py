@@ -57,7 +57,8 @@ from transformers import HfArgumentParser
 from vlrm.checkpoints import CheckpointError, find_checkpoints, weights_mtime
 from vlrm.config import EvalConfig, config_to_dict, load_config
 from vlrm.data import load_preference_dataset
-from vlrm.metrics import evaluate_pairs
+from vlrm.irrelevant import RowsWithIrrelevantPrompts
+from vlrm.metrics import evaluate_pairs, irrelevant_metrics
 from vlrm.scoring import RewardScorer
 
 logger = logging.getLogger("vlrm.eval")
@@ -77,7 +78,8 @@ TRAILING_COLUMNS = [
 ]  # fmt: skip
 TABLE_COLUMNS = [
     "model", "checkpoint", "step", "status", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "num_ties",
-    "macro_accuracy", "margin_mean", "reward_mean", "reward_std", "num_pairs", "pairs_per_s", "error",
+    "macro_accuracy", "margin_mean", "irrelevant_accuracy", "reward_mean", "reward_std", "num_pairs", "pairs_per_s",
+    "error",
 ]  # fmt: skip
 
 
@@ -254,6 +256,11 @@ def sweep(config: EvalConfig, config_path: str, log_path: Path) -> int:
         )
         logger.info(report.summary())
         pair_ids, categories = list(dataset["id"]), list(dataset["category"])
+        rows = dataset
+        if config.num_irrelevant_pairs:
+            rows = RowsWithIrrelevantPrompts(
+                dataset, config.num_irrelevant_pairs, config.seed, config.irrelevant_mode, config.eval_batch_size
+            )
         dataset_tag = Path(dataset_path).stem + (f"-n{config.max_eval_samples}" if config.max_eval_samples else "")
 
     # ------------------------------------------------------------------------------------------------------------
@@ -285,9 +292,11 @@ def sweep(config: EvalConfig, config_path: str, log_path: Path) -> int:
                 max_pixels=config.max_pixels,
             )
             scoring_started = time.perf_counter()
-            scores = scorer.score_pairs(dataset, config.eval_batch_size, desc=checkpoint.name)
+            scores = scorer.score_pairs(rows, config.eval_batch_size, desc=checkpoint.name)
             scoring_time = time.perf_counter() - scoring_started
             metrics = evaluate_pairs(scores.chosen, scores.rejected, categories, seed=config.seed)
+            if scores.irrelevant is not None:
+                metrics.update(irrelevant_metrics(scores.chosen, scores.irrelevant))
         except Exception as error:  # one bad checkpoint (corrupt file, NaN weights, OOM) must not end the sweep
             unexpected = not isinstance(error, CheckpointError)
             logger.error("%s/%s: %s", model_name, checkpoint.name, error, exc_info=unexpected)

@@ -121,6 +121,7 @@ def test_sweep_writes_csv_json_plot_pair_scores_and_log(
         scores = np.concatenate([pairs["chosen_score"], pairs["rejected_score"]])
         assert result.reward_mean == pytest.approx(scores.mean()) and result.reward_std == pytest.approx(scores.std())
         assert result.pairs_per_s > 0 and result.wall_time_s > 0
+        assert 0 <= result.irrelevant_accuracy <= 1 and np.isfinite(result.irrelevant_margin)
     with Image.open(tmp_path / "results" / "evaluation_results.png") as plot:
         assert plot.format == "PNG"
     (log_file,) = (tmp_path / "logs").glob("eval_*.log")
@@ -385,3 +386,34 @@ def test_run_eval_sh_passes_gpu_and_exit_code(tmp_path, reward_model, processor,
     (log_file,) = (tmp_path / "logs").glob("eval_*.log")
     log = log_file.read_text()
     assert "CUDA_VISIBLE_DEVICES=0" in log and "checkpoint-1: accuracy" in log and "checkpoint-2" in log
+
+
+def test_irrelevant_scores_are_the_chosen_response_under_the_drawn_prompts(
+    tmp_path, reward_model, processor, synthetic_dir
+):
+    from vlrm.irrelevant import RowsWithIrrelevantPrompts
+    from vlrm.metrics import irrelevant_metrics
+
+    checkpoint = save_checkpoint(reward_model, processor, tmp_path / "checkpoint-1", seed=2)
+    scorer = RewardScorer.from_pretrained(checkpoint)
+    dataset, _ = load_preference_dataset(synthetic_dir / "eval.jsonl", max_samples=6)
+    rows = RowsWithIrrelevantPrompts(dataset, num_pairs=2, seed=0, mode="query", batch_size=3)
+    scores = scorer.score_pairs(rows, batch_size=3, progress=False)
+    assert scores.irrelevant.shape == (6, 2)
+    expected = []
+    for index in range(6):
+        row = rows[index]
+        expected.append(
+            scorer.score([{"prompt": other["prompt"], "images": other["images"], "response": row["chosen"]}
+                          for other in row["irrelevant"]])
+        )  # fmt: skip
+        # Drawn with the scoring batch of 3 as the pool (the sampler's own tests cover pool vs dataset draws).
+        batch_start = index - index % 3
+        partners = rows.sampler.partners(index, 0, list(range(batch_start, batch_start + 3)))
+        assert [other["prompt"] for other in row["irrelevant"]] == [dataset[j]["prompt"] for j in partners]
+    np.testing.assert_allclose(scores.irrelevant, np.stack(expected), atol=1e-5)
+    metrics = irrelevant_metrics(scores.chosen, scores.irrelevant)
+    assert metrics["irrelevant_accuracy"] == pytest.approx((scores.chosen[:, None] > scores.irrelevant).mean())
+    plain = scorer.score_pairs(dataset, batch_size=3, progress=False)
+    assert plain.irrelevant is None
+    np.testing.assert_allclose(plain.chosen, scores.chosen, atol=1e-5)

@@ -29,7 +29,8 @@ def test_partners_are_never_self_same_image_or_same_chosen(dataset):
 
 def test_shared_images_are_never_partners(tmp_path):
     rows = [
-        {"question": f"Q{i}?", "images": [f"img{i % 2}.png"], "chosen": f"answer {i}", "rejected": "no"} for i in range(6)
+        {"question": f"Q{i}?", "images": [f"img{i % 2}.png"], "chosen": f"answer {i}", "rejected": "no"}
+        for i in range(6)
     ]
     from PIL import Image
 
@@ -81,7 +82,7 @@ def test_collator_modes_put_the_chosen_response_under_other_prompts(dataset, enc
         collator = IrrelevantQueryCollator(PaddedPreferenceCollator(encoder), dataset, sampler)
         attached = collator.irrelevant_prompts(examples[0])
         partners = sampler.partners(0, 0)
-        for prompt, other in zip(attached, partners):
+        for prompt, other in zip(attached, partners, strict=True):
             expected_prompt = dataset[other]["prompt"] if mode == "query" else examples[0]["prompt"]
             assert prompt["prompt"] == expected_prompt
             assert [image.tobytes() for image in prompt["images"]] == [
@@ -117,8 +118,13 @@ def test_split_rewards_order():
 def test_weight_zero_trains_exactly_like_vanilla(tmp_path, tiny_model_dir, synthetic_dir):
     vanilla = run_train(tmp_path / "vanilla", tiny_model_dir, synthetic_dir)
     augmented = run_train(
-        tmp_path / "augmented", tiny_model_dir, synthetic_dir,
-        "--use_irrelevant_queries", "true", "--irrelevant_loss_weight", "0",
+        tmp_path / "augmented",
+        tiny_model_dir,
+        synthetic_dir,
+        "--use_irrelevant_queries",
+        "true",
+        "--irrelevant_loss_weight",
+        "0",
     )
     vanilla_losses, augmented_losses = losses(tmp_path / "vanilla" / "out"), losses(tmp_path / "augmented" / "out")
     assert sorted(vanilla_losses) == [1, 2, 3, 4]
@@ -131,7 +137,10 @@ def test_weight_zero_trains_exactly_like_vanilla(tmp_path, tiny_model_dir, synth
     inputs = {key: value for key, value in batch.items() if key not in ("num_pairs", "num_irrelevant", "margin")}
     with torch.no_grad():
         torch.testing.assert_close(
-            augmented["model"].eval()(**inputs).rewards, vanilla["model"].eval()(**inputs).rewards, rtol=1e-4, atol=1e-5
+            augmented["model"].eval()(**inputs).rewards,
+            vanilla["model"].eval()(**inputs).rewards,
+            rtol=1e-4,
+            atol=1e-5,
         )
     history = json.loads((tmp_path / "augmented" / "out" / "checkpoint-4" / "trainer_state.json").read_text())
     assert any("irrelevant_accuracy" in entry for entry in history["log_history"])

@@ -98,3 +98,14 @@ def test_evaluate_pairs_combines_everything():
 def test_bad_score_arrays_raise(chosen, rejected, message):
     with pytest.raises(ValueError, match=message):
         evaluate_pairs(chosen, rejected)
+
+
+def test_irrelevant_metrics_by_hand():
+    from vlrm.metrics import irrelevant_metrics
+
+    chosen = np.array([1.0, 0.0])
+    irrelevant = np.array([[0.5, 1.0], [-1.0, -2.0]])  # margins 0.5, 0 (a tie: wrong), 1, 2
+    metrics = irrelevant_metrics(chosen, irrelevant)
+    assert metrics == {"irrelevant_accuracy": pytest.approx(0.75), "irrelevant_margin": pytest.approx(3.5 / 4)}
+    with pytest.raises(ValueError, match="shape"):
+        irrelevant_metrics(chosen, np.array([0.5, 1.0]))

@@ -160,7 +160,9 @@ class TrainConfig(ModelDataArguments, RewardConfig):
     logging_steps: float = field(default=10, metadata={"help": "Log every this many optimizer steps."})
     gradient_checkpointing: bool | None = field(
         default=None,
-        metadata={"help": "Recompute activations in the backward pass to save memory (alias of activation_checkpointing)."},
+        metadata={
+            "help": "Recompute activations in the backward pass to save memory (alias of activation_checkpointing)."
+        },
     )
 
     def __post_init__(self):
@@ -277,6 +279,16 @@ class EvalConfig(ModelDataArguments):
     seed: int = field(
         default=42, metadata={"help": "Seed of the `max_eval_samples` subset and the bootstrap interval."}
     )
+    num_irrelevant_pairs: int = field(
+        default=1,
+        metadata={
+            "help": "Irrelevant prompts per pair for irrelevant_accuracy / irrelevant_margin (the pair's chosen "
+            "response under another pair's prompt, drawn with `seed`, the same for every checkpoint); 0 skips them."
+        },
+    )
+    irrelevant_mode: Literal["query", "image"] = field(
+        default="query", metadata={"help": "`query`: swap the whole prompt; `image`: swap only the image(s)."}
+    )
     force: bool = field(default=False, metadata={"help": "Re-evaluate checkpoints already in the results."})
     log_dir: str = field(default="logs", metadata={"help": "Where `eval_TIMESTAMP.log` is written."})
     results_dir: str = field(default="evaluation_results", metadata={"help": "Where the results are written."})
@@ -289,6 +301,8 @@ class EvalConfig(ModelDataArguments):
             raise ConfigError("model_dirs is required: a list of training output dirs (or model dirs) to evaluate.")
         if not self.dataset_path:
             raise ConfigError("dataset_path is required (a .json, .jsonl, .parquet file or a save_to_disk dir).")
+        if self.num_irrelevant_pairs < 0:
+            raise ConfigError(f"num_irrelevant_pairs must be >= 0, got {self.num_irrelevant_pairs}.")
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size must be at least 1, got {self.eval_batch_size}.")
         if self.max_eval_samples is not None and self.max_eval_samples < 1:

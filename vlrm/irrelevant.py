@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import datasets
@@ -87,6 +87,23 @@ class IrrelevantPairSampler:
         return chosen + candidates[: self.num_pairs - len(chosen)]
 
 
+def irrelevant_prompts(
+    dataset: datasets.Dataset,
+    sampler: IrrelevantPairSampler,
+    index: int,
+    example: dict,
+    epoch: int,
+    pool: list[int] | None = None,
+) -> list[dict[str, Any]]:
+    """The prompts (messages + images) under which row ``index``'s chosen response is placed."""
+    prompts = []
+    for other_index in sampler.partners(index, epoch, pool):
+        other = dataset[other_index]
+        question = example["prompt"] if sampler.mode == "image" and example["images"] else other["prompt"]
+        prompts.append({"prompt": question, "images": other["images"]})
+    return prompts
+
+
 class IrrelevantQueryCollator:
     """Wraps a layout collator: attaches ``irrelevant`` prompts to every example, then collates.
 
@@ -98,19 +115,30 @@ class IrrelevantQueryCollator:
         self.epoch = 0
 
     def irrelevant_prompts(self, example: dict, pool: list[int] | None = None) -> list[dict[str, Any]]:
-        prompts = []
-        for other_index in self.sampler.partners(example[ROW_INDEX], self.epoch, pool):
-            other = self.dataset[other_index]
-            if self.sampler.mode == "image" and example["images"]:
-                prompts.append({"prompt": example["prompt"], "images": other["images"]})
-            else:
-                prompts.append({"prompt": other["prompt"], "images": other["images"]})
-        return prompts
+        return irrelevant_prompts(self.dataset, self.sampler, example[ROW_INDEX], example, self.epoch, pool)
 
     def __call__(self, examples: list[dict]) -> dict[str, Any]:
         pool = [example[ROW_INDEX] for example in examples]
         examples = [dict(example, irrelevant=self.irrelevant_prompts(example, pool)) for example in examples]
         return self.collator(examples)
+
+
+class RowsWithIrrelevantPrompts(Sequence):
+    """A dataset's rows with fixed irrelevant prompts attached (epoch 0, partners from the same scoring batch), for
+    evaluation: every checkpoint is scored on the same draws, whether or not it was trained with the augmentation."""
+
+    def __init__(self, dataset: datasets.Dataset, num_pairs: int, seed: int, mode: str, batch_size: int):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.sampler = IrrelevantPairSampler(dataset, num_pairs, seed, mode)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.dataset[index]
+        start = index - index % self.batch_size
+        pool = list(range(start, min(start + self.batch_size, len(self.dataset))))
+        return dict(example, irrelevant=irrelevant_prompts(self.dataset, self.sampler, index, example, 0, pool))
 
 
 def with_row_index(dataset: datasets.Dataset) -> datasets.Dataset:

@@ -94,6 +94,17 @@ def reward_statistics(*rewards: Any) -> dict[str, float]:
     return {"reward_mean": float(pooled.mean()), "reward_std": float(pooled.std())}
 
 
+def irrelevant_metrics(chosen: Any, irrelevant: Any) -> dict[str, float]:
+    """How often a pair's chosen response scores higher under its own prompt than under an irrelevant one
+    (``irrelevant[i, j]``: chosen_i under the j-th other prompt), and the mean of that margin. Ties count as wrong."""
+    chosen = _as_reward_array(chosen, "chosen")
+    irrelevant = np.asarray(irrelevant, dtype=np.float64)
+    if irrelevant.ndim != 2 or irrelevant.shape[0] != chosen.size or not np.isfinite(irrelevant).all():
+        raise ValueError(f"irrelevant rewards must be finite, shape ({chosen.size}, K); got {irrelevant.shape}")
+    margin = chosen[:, None] - irrelevant
+    return {"irrelevant_accuracy": float((margin > 0).mean()), "irrelevant_margin": float(margin.mean())}
+
+
 def evaluate_pairs(
     chosen: Any, rejected: Any, categories: Any = None, seed: int = 0, num_resamples: int = 1000
 ) -> dict[str, Any]:

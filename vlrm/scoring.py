@@ -33,10 +33,12 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 @dataclass
 class PairScores:
-    """Rewards of the chosen and the rejected response of each pair, in row order (float32)."""
+    """Rewards of the chosen and the rejected response of each pair, in row order (float32); ``irrelevant[i, j]``
+    is pair i's chosen response under its j-th irrelevant prompt, when the rows carried them (else None)."""
 
     chosen: np.ndarray
     rejected: np.ndarray
+    irrelevant: np.ndarray | None = None
 
 
 def apply_pixel_limits(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
@@ -125,10 +127,11 @@ class RewardScorer:
     def score_pairs(
         self, rows: Sequence[dict], batch_size: int = 8, progress: bool = True, desc: str = "pairs"
     ) -> PairScores:
-        """Score canonical rows (a ``datasets.Dataset`` or a list of dicts with prompt, images, chosen, rejected)."""
+        """Score canonical rows (a ``datasets.Dataset`` or a sequence of dicts with prompt, images, chosen, rejected,
+        and optionally ``irrelevant`` prompts, see ``vlrm.irrelevant.RowsWithIrrelevantPrompts``)."""
         if len(rows) == 0:
             raise ValueError("no pairs to score")
-        chosen, rejected = [], []
+        chosen, rejected, irrelevant = [], [], []
         num_batches = math.ceil(len(rows) / batch_size)
         for batch_rows in tqdm(
             _batches(rows, batch_size), total=num_batches, desc=desc, unit="batch", disable=not progress, leave=False
@@ -136,10 +139,14 @@ class RewardScorer:
             batch = self.collator(batch_rows)
             num_pairs, num_irrelevant = batch.pop("num_pairs"), batch.pop("num_irrelevant")
             batch.pop("margin", None)
-            chosen_rewards, rejected_rewards, _ = split_rewards(self._forward(batch), num_pairs, num_irrelevant)
+            chosen_rewards, rejected_rewards, irrelevant_rewards = split_rewards(
+                self._forward(batch), num_pairs, num_irrelevant
+            )
             chosen.append(chosen_rewards.cpu().numpy())
             rejected.append(rejected_rewards.cpu().numpy())
-        return PairScores(np.concatenate(chosen), np.concatenate(rejected))
+            irrelevant.append(irrelevant_rewards.cpu().numpy())
+        irrelevant = np.concatenate(irrelevant) if irrelevant[0].size else None
+        return PairScores(np.concatenate(chosen), np.concatenate(rejected), irrelevant)
 
     @torch.inference_mode()
     def score(self, rows: Sequence[dict], batch_size: int = 8, progress: bool = False) -> np.ndarray:

@@ -4,7 +4,7 @@ Each image shows one to three shapes of one colour on a plain background; the qu
 count. The chosen answer describes the image; the rejected answer gives another value. Every answer sentence is chosen
 exactly as often as it is rejected, so a model that ignores the image cannot beat 0.5.
 
-    python -m vlrm.synthetic --output_dir .cache/synthetic --num_train 800 --num_eval 200
+    python -m vlrm.synthetic --output_dir .cache/synthetic --num_train 1200 --num_eval 200
 """
 
 from __future__ import annotations
@@ -90,26 +90,40 @@ def make_split(output_dir: Path, split: str, num_rows: int, seed: int, image_siz
     return path
 
 
+def write_blanked(eval_path: Path, image_size: int) -> Path:
+    """The held-out rows with every image replaced by one blank image: a model that learned from the pixels scores
+    0.5 here (each answer pair appears in both orders), a model that learned a text shortcut would not."""
+    Image.new("RGB", (image_size, image_size), (245, 245, 245)).save(eval_path.parent / "images" / "blank.png")
+    rows = [json.loads(line) for line in eval_path.read_text().splitlines()]
+    blank_path = eval_path.with_name("eval_blank.jsonl")
+    with open(blank_path, "w") as file:
+        file.writelines(json.dumps(dict(row, images=["images/blank.png"])) + "\n" for row in rows)
+    return blank_path
+
+
 def make_synthetic_dataset(
-    output_dir: str | Path, num_train: int = 800, num_eval: int = 200, seed: int = 0, image_size: int = 56
+    output_dir: str | Path, num_train: int = 1200, num_eval: int = 200, seed: int = 0, image_size: int = 56
 ) -> tuple[Path, Path]:
-    """Write ``train.jsonl`` and ``eval.jsonl`` (+ ``images/``) under ``output_dir``; returns both paths."""
+    """Write ``train.jsonl``, ``eval.jsonl`` and ``eval_blank.jsonl`` (+ ``images/``) under ``output_dir``; returns
+    the first two paths."""
     output_dir = Path(output_dir)
-    return (
-        make_split(output_dir, "train", num_train, seed, image_size),
-        make_split(output_dir, "eval", num_eval, seed, image_size),
-    )
+    train = make_split(output_dir, "train", num_train, seed, image_size)
+    held_out = make_split(output_dir, "eval", num_eval, seed, image_size)
+    write_blanked(held_out, image_size)
+    return train, held_out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default=".cache/synthetic")
-    parser.add_argument("--num_train", type=int, default=800)
+    parser.add_argument("--num_train", type=int, default=1200)
     parser.add_argument("--num_eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image_size", type=int, default=56)
     args = parser.parse_args()
-    train, held_out = make_synthetic_dataset(args.output_dir, args.num_train, args.num_eval, args.seed, args.image_size)
+    train, held_out = make_synthetic_dataset(
+        args.output_dir, args.num_train, args.num_eval, args.seed, args.image_size
+    )
     print(f"synthetic preference set written: {train}, {held_out}")
 
 
