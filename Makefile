@@ -24,8 +24,13 @@ $(TINY_MODEL)/config.json: vlrm/tiny.py | $(STAMP)
 $(SYNTHETIC)/train.jsonl: vlrm/synthetic.py | $(STAMP)
 	$(PY) -m vlrm.synthetic --output_dir $(SYNTHETIC)
 
+# Train on the synthetic set, sweep every checkpoint over the held-out split, then score the final model once more
+# with every image blanked: near 0.5 there shows the model learned from the pixels, not from the answer texts.
 demo: $(STAMP) $(TINY_MODEL)/config.json $(SYNTHETIC)/train.jsonl
 	$(PY) train_rm.py training_configs/tiny_demo.yaml
+	$(PY) eval_rm.py training_configs/eval_config_example.yaml
+	$(PY) eval_rm.py training_configs/eval_config_example.yaml --checkpoint_pattern final-only \
+		--dataset_path $(SYNTHETIC)/eval_blank.jsonl --output_file tiny_demo_blank_images.csv --num_irrelevant_pairs 0
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

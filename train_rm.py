@@ -71,7 +71,10 @@ def load_split(path: str, max_samples: int | None):
     if dropped:
         logger.warning(
             "%s: dropped %d pairs longer than max_seq_length=%d (first: %s)",
-            path, len(dropped), config.max_seq_length, ", ".join(dropped[:3]),
+            path,
+            len(dropped),
+            config.max_seq_length,
+            ", ".join(dropped[:3]),
         )
     return dataset
 
@@ -92,9 +95,14 @@ model = VLRewardModel.from_pretrained(
 model.config.pad_token_id = encoder.pad_token_id
 if config.freeze_vit:
     model.freeze_vision_tower()
-trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-logger.info("model: %s, %.1fM trainable of %.1fM parameters", config.model_name_or_path, trainable / 1e6,
-            sum(p.numel() for p in model.parameters()) / 1e6)
+# ZeRO-3 leaves each rank an empty placeholder per weight; `ds_numel` is the full size.
+trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+logger.info(
+    "model: %s, %.1fM trainable of %.1fM parameters",
+    config.model_name_or_path,
+    trainable / 1e6,
+    sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Collators: each pair's prompt with its chosen and rejected branches (+ irrelevant-query branches)
@@ -102,6 +110,7 @@ logger.info("model: %s, %.1fM trainable of %.1fM parameters", config.model_name_
 collator = eval_collator = make_collator(encoder)
 callbacks = [LogFileCallback()]
 if config.use_irrelevant_queries:
+
     def irrelevant_collator(dataset):
         sampler = IrrelevantPairSampler(dataset, config.num_irrelevant_pairs, config.seed, config.irrelevant_mode)
         return IrrelevantQueryCollator(make_collator(encoder), dataset, sampler)

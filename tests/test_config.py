@@ -16,7 +16,9 @@ def config_file(tmp_path):
 
 
 def test_file_values_and_command_line_overrides(config_file):
-    config = load_config(TrainConfig, config_file, ["--learning_rate", "5e-4", "--max_steps", "7", "--freeze_vit", "true"])
+    config = load_config(
+        TrainConfig, config_file, ["--learning_rate", "5e-4", "--max_steps", "7", "--freeze_vit", "true"]
+    )
     assert config.learning_rate == 5e-4 and config.max_steps == 7 and config.freeze_vit is True
     assert config.model_name_or_path == "some/model" and config.remove_unused_columns is False
 

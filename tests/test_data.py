@@ -34,7 +34,9 @@ def _canonical(row):
     return {key: row[key] for key in ("prompt", "chosen", "rejected")} | {"n_images": len(row["images"])}
 
 
-EXPECTED_PROMPT = [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "What is it?"}]}]
+EXPECTED_PROMPT = [
+    {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "What is it?"}]}
+]
 
 
 def test_every_layout_maps_to_the_same_canonical_row(tmp_path, image_file):
@@ -50,7 +52,12 @@ def test_every_layout_maps_to_the_same_canonical_row(tmp_path, image_file):
             "images": [rel],
         },
         "rlaif_v": {"question": "What is it?", "image": rel, "chosen": "A cat.", "rejected": "A dog."},
-        "vl_rewardbench": {"query": "What is it?", "image": rel, "response": ["A dog.", "A cat."], "human_ranking": [1, 0]},
+        "vl_rewardbench": {
+            "query": "What is it?",
+            "image": rel,
+            "response": ["A dog.", "A cat."],
+            "human_ranking": [1, 0],
+        },
         "llava_povid": {
             "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}],
             "rejected_conversations": [
@@ -76,13 +83,24 @@ def test_every_layout_maps_to_the_same_canonical_row(tmp_path, image_file):
 def test_file_formats_and_image_kinds_load_alike(tmp_path, image_file):
     rows = [
         {"id": "p", "question": "Q?", "images": ["img/a.png"], "chosen": "yes", "rejected": "no", "margin": 2.0},
-        {"id": "b", "question": "Q?", "images": [{"bytes": None, "path": "img/a.png"}], "chosen": "yes", "rejected": "no"},
+        {
+            "id": "b",
+            "question": "Q?",
+            "images": [{"bytes": None, "path": "img/a.png"}],
+            "chosen": "yes",
+            "rejected": "no",
+        },
         {"id": "t", "question": "Text only?", "images": [], "chosen": "yes", "rejected": "no", "category": "text"},
     ]
     json_path = tmp_path / "rows.json"
     json_path.write_text(json.dumps(rows))
     jsonl_path = _write_jsonl(tmp_path / "rows.jsonl", rows)
-    with_bytes = {"question": "Q?", "images": [{"bytes": _png_bytes(), "path": None}], "chosen": "yes", "rejected": "no"}
+    with_bytes = {
+        "question": "Q?",
+        "images": [{"bytes": _png_bytes(), "path": None}],
+        "chosen": "yes",
+        "rejected": "no",
+    }
     pd.DataFrame([with_bytes]).to_parquet(tmp_path / "rows.parquet")
     image_rows = [{"question": "Q?", "images": [Image.new("RGB", (30, 20))], "chosen": "yes", "rejected": "no"}]
     datasets.Dataset.from_list(image_rows).save_to_disk(tmp_path / "saved")

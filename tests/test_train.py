@@ -84,7 +84,9 @@ def test_resume_continues_with_the_same_losses(trained, tmp_path, tiny_model_dir
     uninterrupted = losses(first_dir / "out")
     assert sorted(uninterrupted) == [1, 2, 3, 4]
     checkpoint = first_dir / "out" / "checkpoint-2"
-    run_train(tmp_path, tiny_model_dir, synthetic_dir, "--freeze_vit", "true", "--resume_from_checkpoint", str(checkpoint))
+    run_train(
+        tmp_path, tiny_model_dir, synthetic_dir, "--freeze_vit", "true", "--resume_from_checkpoint", str(checkpoint)
+    )
     resumed = losses(tmp_path / "out")
     for step in (3, 4):
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5), step

@@ -117,7 +117,9 @@ def _read_rows(path: Path) -> Iterable[dict[str, Any]]:
         import pandas as pd
 
         return (_drop_nan(row) for row in pd.read_parquet(path).to_dict(orient="records"))
-    raise ValueError(f"{path}: unsupported data file type `{suffix}` (use .json, .jsonl, .parquet or a save_to_disk dir)")
+    raise ValueError(
+        f"{path}: unsupported data file type `{suffix}` (use .json, .jsonl, .parquet or a save_to_disk dir)"
+    )
 
 
 def _looks_like_json_lines(path: Path) -> bool:
@@ -163,7 +165,9 @@ def _assistant_text(value: Any, field_name: str) -> str:
     content = messages[0].get("content")
     if isinstance(content, str):
         return _text(content, field_name)
-    texts = [part.get("text") or "" for part in _as_list(content) if isinstance(part, dict) and part.get("type") == "text"]
+    texts = [
+        part.get("text") or "" for part in _as_list(content) if isinstance(part, dict) and part.get("type") == "text"
+    ]
     return _text("".join(texts), field_name)
 
 

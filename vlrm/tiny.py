@@ -89,7 +89,9 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, num_layers: int = 2) -> Qwen2_5_VLConfig:
+def build_tiny_config(
+    tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, num_layers: int = 2
+) -> Qwen2_5_VLConfig:
     token_id = tokenizer.convert_tokens_to_ids
     head_dim = 16
     return Qwen2_5_VLConfig(

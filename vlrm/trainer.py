@@ -141,4 +141,8 @@ class LogFileCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            logger.info("step %d: %s", state.global_step, {key: round(value, 6) if isinstance(value, float) else value for key, value in logs.items()})
+            logger.info(
+                "step %d: %s",
+                state.global_step,
+                {key: round(value, 6) if isinstance(value, float) else value for key, value in logs.items()},
+            )
