@@ -64,6 +64,11 @@ def test_flash_attention_without_flash_attn_or_cuda_fails_before_loading(config_
         load_config(TrainConfig, config_file, ["--attn_implementation", "flash_attention_2"])
 
 
+def test_missing_local_model_path_is_named(config_file):
+    with pytest.raises(ConfigError, match=r"model_name_or_path not found: \.cache/tiny-x .*make demo"):
+        load_config(TrainConfig, config_file, ["--model_name_or_path", ".cache/tiny-x"])
+
+
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
         load_config(TrainConfig, tmp_path / "nope.yaml")

@@ -176,6 +176,14 @@ class TrainConfig(ModelDataArguments, RewardConfig):
             raise ConfigError("model_name_or_path is required (a model directory or hub id).")
         if not self.dataset_path:
             raise ConfigError("dataset_path is required (a .json, .jsonl, .parquet file or a save_to_disk dir).")
+        # A hub id is `org/name`; a path written as one (./x, ../x, /x, .cache/x) must exist, or loading would go to
+        # the hub and fail with an unrelated message.
+        if (
+            self.model_name_or_path.startswith((".", "/", "~"))
+            and not Path(self.model_name_or_path).expanduser().exists()
+        ):
+            hint = " (`make demo` builds it, or `python -m vlrm.tiny`)" if "tiny" in self.model_name_or_path else ""
+            raise ConfigError(f"model_name_or_path not found: {self.model_name_or_path}{hint}")
         if self.max_length is not None:
             raise ConfigError("max_length is not used by vlrm: set max_seq_length instead.")
         if self.max_seq_length <= 0:
