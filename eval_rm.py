@@ -290,6 +290,7 @@ def sweep(config: EvalConfig, config_path: str, log_path: Path) -> int:
                 attn_implementation=config.attn_implementation,
                 min_pixels=config.min_pixels,
                 max_pixels=config.max_pixels,
+                packing=config.packing,
             )
             scoring_started = time.perf_counter()
             scores = scorer.score_pairs(rows, config.eval_batch_size, desc=checkpoint.name)

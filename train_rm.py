@@ -27,6 +27,7 @@ from vlrm.config import TrainConfig, config_to_dict, load_config
 from vlrm.data import load_preference_dataset
 from vlrm.irrelevant import EpochCallback, IrrelevantPairSampler, IrrelevantQueryCollator, with_row_index
 from vlrm.model import VLRewardModel
+from vlrm.packing import enable_packed_attention
 from vlrm.trainer import LogFileCallback, VLRewardTrainer
 
 logger = logging.getLogger("vlrm")
@@ -95,6 +96,8 @@ model = VLRewardModel.from_pretrained(
 model.config.pad_token_id = encoder.pad_token_id
 if config.freeze_vit:
     model.freeze_vision_tower()
+if config.packing:
+    enable_packed_attention(model)  # language-model attention for the packed layout; the padded layout still works
 # ZeRO-3 leaves each rank an empty placeholder per weight; `ds_numel` is the full size.
 trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 logger.info(
@@ -107,13 +110,13 @@ logger.info(
 # ----------------------------------------------------------------------------------------------------------------
 # Collators: each pair's prompt with its chosen and rejected branches (+ irrelevant-query branches)
 
-collator = eval_collator = make_collator(encoder)
+collator = eval_collator = make_collator(encoder, config.packing)
 callbacks = [LogFileCallback()]
 if config.use_irrelevant_queries:
 
     def irrelevant_collator(dataset):
         sampler = IrrelevantPairSampler(dataset, config.num_irrelevant_pairs, config.seed, config.irrelevant_mode)
-        return IrrelevantQueryCollator(make_collator(encoder), dataset, sampler)
+        return IrrelevantQueryCollator(make_collator(encoder, config.packing), dataset, sampler)
 
     train_dataset = with_row_index(train_dataset)
     collator = irrelevant_collator(train_dataset)

@@ -129,7 +129,9 @@ class PaddedPreferenceCollator:
         self.encoder = encoder
 
     def __call__(self, examples: list[dict]) -> dict[str, Any]:
-        batch = pad_branches(branch_sequences(self.encoder, examples), self.encoder.pad_token_id, self.encoder.image_token_id)
+        batch = pad_branches(
+            branch_sequences(self.encoder, examples), self.encoder.pad_token_id, self.encoder.image_token_id
+        )
         return add_pair_fields(batch, examples)
 
 
@@ -171,4 +173,8 @@ def drop_overlong(dataset, encoder: PreferenceEncoder, max_seq_length: int):
 
 def make_collator(encoder: PreferenceEncoder, packing: bool = False):
     """The collator for a layout. Both return the same fields and the same reward order."""
+    if packing:
+        from vlrm.packing import PackedPreferenceCollator  # packing imports this module
+
+        return PackedPreferenceCollator(encoder)
     return PaddedPreferenceCollator(encoder)

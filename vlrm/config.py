@@ -63,6 +63,14 @@ class ModelDataArguments:
             "block becomes one visual token, so this bounds the visual tokens per image."
         },
     )
+    packing: bool = field(
+        default=True,
+        metadata={
+            "help": "Packed layout: each micro-batch is one padding-free sequence, every prompt and image computed "
+            "once per pair, each response branch attending to its own prompt (vlrm.packing). False: the padded "
+            "layout, one row per (prompt, response), the baseline and the fallback for other backbones."
+        },
+    )
     on_bad_sample: Literal["error", "skip"] = field(
         default="error",
         metadata={

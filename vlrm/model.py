@@ -1,8 +1,8 @@
 """``VLRewardModel``: a Qwen2.5-VL backbone (no language-model head) and a scalar ``score`` head.
 
 The reward of a sequence is the score at its last real token. With the padded layout that token is found from the
-attention mask (so left or right padding and pad == eos are all fine); the packed layout passes its positions as
-``reward_index`` directly.
+attention mask (so left or right padding and pad == eos are all fine); the packed layout (``vlrm.packing``) passes its
+positions as ``reward_index`` directly, with its ``packed_layout``.
 
 Loads, with ``VLRewardModel.from_pretrained(path)``:
 - a reward model saved by vlrm (config + safetensors, ``architectures: ["VLRewardModel"]``);
@@ -21,6 +21,8 @@ from transformers import Qwen2_5_VLConfig
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel, Qwen2_5_VLPreTrainedModel
 from transformers.utils import ModelOutput
+
+from vlrm.packing import packed_backbone_inputs
 
 # Checkpoints saved before transformers 4.52 keep `visual.*` and `model.layers.*` at the top level; load them the way
 # transformers loads them into Qwen2_5_VLForConditionalGeneration, whose module layout ours mirrors.
@@ -79,19 +81,26 @@ class VLRewardModel(Qwen2_5_VLPreTrainedModel):
         mm_token_type_ids: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         reward_index: torch.LongTensor | None = None,
+        packed_layout=None,
         **kwargs,
     ) -> RewardOutput:
         kwargs.pop("use_cache", None)
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            mm_token_type_ids=mm_token_type_ids,
-            position_ids=position_ids,
-            use_cache=False,
-            **kwargs,
-        )
+        if packed_layout is not None:  # vlrm.packing: one padding-free row; reward_index comes with it
+            backbone_inputs = packed_backbone_inputs(
+                self.model, input_ids, pixel_values, image_grid_thw, mm_token_type_ids, packed_layout
+            )
+            outputs = self.model(**backbone_inputs, use_cache=False, **kwargs)
+        else:
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                pixel_values=pixel_values,
+                image_grid_thw=image_grid_thw,
+                mm_token_type_ids=mm_token_type_ids,
+                position_ids=position_ids,
+                use_cache=False,
+                **kwargs,
+            )
         hidden_states = outputs.last_hidden_state
         batch_size, length, hidden_size = hidden_states.shape
         if reward_index is None:

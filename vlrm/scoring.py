@@ -27,6 +27,7 @@ from vlrm.batching import PreferenceEncoder, make_collator, pad_branches, split_
 from vlrm.checkpoints import CheckpointError, check_loadable
 from vlrm.data import _user_prompt
 from vlrm.model import VLRewardModel
+from vlrm.packing import enable_packed_attention
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
@@ -72,12 +73,16 @@ def _batches(rows: Sequence, batch_size: int):
 class RewardScorer:
     """Scores rows with a ``VLRewardModel`` in eval mode under ``torch.inference_mode()``; never writes."""
 
-    def __init__(self, model: VLRewardModel, processor: Any, device: str | torch.device | None = None):
+    def __init__(
+        self, model: VLRewardModel, processor: Any, device: str | torch.device | None = None, packing: bool = True
+    ):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
+        if packing:
+            enable_packed_attention(self.model)
         self.processor = processor
         self.encoder = PreferenceEncoder(processor)
-        self.collator = make_collator(self.encoder)
+        self.collator = make_collator(self.encoder, packing)
 
     @classmethod
     def from_pretrained(
@@ -89,6 +94,7 @@ class RewardScorer:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         device: str | torch.device | None = None,
+        packing: bool = True,
     ) -> RewardScorer:
         """Load a checkpoint dir (config + weights, processor optional). ``dtype``: auto (as saved), bfloat16,
         float16 or float32; ``device``: default cuda when visible, else cpu. Raises ``CheckpointError`` when the
@@ -112,7 +118,7 @@ class RewardScorer:
         processor = load_processor(checkpoint_dir, base_model_path)
         apply_pixel_limits(processor, min_pixels, max_pixels)
         device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model, processor, device)
+        return cls(model, processor, device, packing)
 
     def _forward(self, batch: dict[str, Any]) -> torch.Tensor:
         inputs = {}
@@ -120,6 +126,8 @@ class RewardScorer:
             if torch.is_tensor(value):
                 dtype = self.model.dtype if value.is_floating_point() else None
                 value = value.to(self.device, dtype=dtype)
+            elif hasattr(value, "to"):  # the packed layout's index tensors
+                value = value.to(self.device)
             inputs[key] = value
         return self.model(**inputs).rewards
 
