@@ -28,6 +28,7 @@ from vlrm.data import load_preference_dataset
 from vlrm.irrelevant import EpochCallback, IrrelevantPairSampler, IrrelevantQueryCollator, with_row_index
 from vlrm.model import VLRewardModel
 from vlrm.packing import enable_packed_attention
+from vlrm.scoring import apply_pixel_limits
 from vlrm.trainer import LogFileCallback, VLRewardTrainer
 
 logger = logging.getLogger("vlrm")
@@ -57,11 +58,7 @@ set_seed(config.seed)
 # Processor and data
 
 processor = AutoProcessor.from_pretrained(config.model_name_or_path)
-if config.min_pixels or config.max_pixels:
-    size = dict(processor.image_processor.size)
-    size["shortest_edge"] = config.min_pixels or size["shortest_edge"]
-    size["longest_edge"] = config.max_pixels or size["longest_edge"]
-    processor.image_processor.size = size
+apply_pixel_limits(processor, config.min_pixels, config.max_pixels)  # saved with every checkpoint
 encoder = PreferenceEncoder(processor)
 
 
