@@ -144,7 +144,7 @@ def micro_batches(draw):
     return rows
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=micro_batches(), seed=st.integers(0, 1000))
 def test_packed_rewards_and_gradients_equal_padded(model, encoder, rows, seed):
     padded, packed = _assert_same_rewards_and_grads(model, encoder, rows, seed)
