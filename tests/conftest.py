@@ -21,7 +21,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("synthetic")
-    make_synthetic_dataset(output_dir, num_train=48, num_eval=24, seed=0)
+    make_synthetic_dataset(output_dir, num_train=48, num_eval=24, seed=0, image_size=56)  # 4 visual tokens: fast tests
     return output_dir
 
 

@@ -1,14 +1,16 @@
 import io
 import json
+import random
 
 import datasets
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
 from vlrm.batching import drop_overlong
 from vlrm.data import BadSampleError, load_preference_dataset
-from vlrm.synthetic import make_synthetic_dataset
+from vlrm.synthetic import draw_shapes, make_synthetic_dataset
 
 
 def _png_bytes(color=(200, 10, 10)):
@@ -176,3 +178,18 @@ def test_synthetic_answers_are_balanced_so_text_alone_cannot_win(tmp_path):
         as_chosen = sum(row["chosen"] == answer for row in rows)
         as_rejected = sum(row["rejected"] == answer for row in rows)
         assert abs(as_chosen - as_rejected) <= 1, answer
+
+
+@pytest.mark.parametrize("size", [56, 112])
+def test_synthetic_count_is_readable_as_coloured_area(size):
+    """Every shape covers the same area, so the coloured pixels grow with the count whatever shapes were drawn."""
+    background = np.array([245, 245, 245])
+    areas = {count: [] for count in (1, 2, 3)}
+    for seed in range(30):
+        for count in areas:
+            pixels = np.asarray(draw_shapes("blue", count, size, random.Random(seed)))
+            areas[count].append(int((pixels != background).any(axis=-1).sum()))
+    single = np.mean(areas[1])
+    for count, counted in areas.items():
+        assert np.allclose(np.array(counted) / single, count, rtol=0.12), (count, counted)
+    assert max(areas[1]) < min(areas[2]) and max(areas[2]) < min(areas[3])

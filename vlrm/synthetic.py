@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 from pathlib import Path
 
@@ -28,23 +29,32 @@ QUESTIONS = {
 
 
 def draw_shapes(color: str, count: int, size: int, rng: random.Random) -> Image.Image:
-    """``count`` shapes of one colour at non-overlapping places on a light background."""
+    """``count`` shapes of one colour at non-overlapping places on a light background.
+
+    Circles, squares and triangles are drawn with the same area, so the coloured area is proportional to the count:
+    a model can read the count from the pixels without first learning to tell the shapes apart."""
     image = Image.new("RGB", (size, size), (245, 245, 245))
     draw = ImageDraw.Draw(image)
-    radius = size // 9
+    half_side = size / 10  # square of side size/5; the circle and the triangle get its area
+    radius = half_side * 2 / math.sqrt(math.pi)
+    half_base = half_side * math.sqrt(2)  # triangle with base = height = 2 * sqrt(2) * half_side
     cells = [(x, y) for x in range(3) for y in range(3)]
     for cell_x, cell_y in rng.sample(cells, count):
-        center_x = (2 * cell_x + 1) * size // 6 + rng.randint(-2, 2)
-        center_y = (2 * cell_y + 1) * size // 6 + rng.randint(-2, 2)
-        box = (center_x - radius, center_y - radius, center_x + radius, center_y + radius)
+        center_x = (2 * cell_x + 1) * size / 6 + rng.randint(-2, 2)
+        center_y = (2 * cell_y + 1) * size / 6 + rng.randint(-2, 2)
         shape = rng.choice(SHAPES)
         if shape == "circle":
-            draw.ellipse(box, fill=COLORS[color])
+            draw.ellipse(_box(center_x, center_y, radius), fill=COLORS[color])
         elif shape == "square":
-            draw.rectangle(box, fill=COLORS[color])
+            draw.rectangle(_box(center_x, center_y, half_side), fill=COLORS[color])
         else:
-            draw.polygon([(center_x, box[1]), (box[0], box[3]), (box[2], box[3])], fill=COLORS[color])
+            left, top, right, bottom = _box(center_x, center_y, half_base)
+            draw.polygon([(center_x, top), (left, bottom), (right, bottom)], fill=COLORS[color])
     return image
+
+
+def _box(center_x: float, center_y: float, half: float) -> tuple[float, float, float, float]:
+    return (center_x - half, center_y - half, center_x + half, center_y + half)
 
 
 def _balanced_pairs(values: tuple[str, ...], count: int, rng: random.Random) -> list[tuple[str, str]]:
@@ -102,7 +112,7 @@ def write_blanked(eval_path: Path, image_size: int) -> Path:
 
 
 def make_synthetic_dataset(
-    output_dir: str | Path, num_train: int = 1200, num_eval: int = 200, seed: int = 0, image_size: int = 56
+    output_dir: str | Path, num_train: int = 1200, num_eval: int = 200, seed: int = 0, image_size: int = 112
 ) -> tuple[Path, Path]:
     """Write ``train.jsonl``, ``eval.jsonl`` and ``eval_blank.jsonl`` (+ ``images/``) under ``output_dir``; returns
     the first two paths."""
@@ -119,7 +129,7 @@ def main() -> None:
     parser.add_argument("--num_train", type=int, default=1200)
     parser.add_argument("--num_eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image_size", type=int, default=56)
+    parser.add_argument("--image_size", type=int, default=112)
     args = parser.parse_args()
     train, held_out = make_synthetic_dataset(
         args.output_dir, args.num_train, args.num_eval, args.seed, args.image_size

@@ -136,7 +136,7 @@ def build_tiny_config(
 def build_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLProcessor:
     # 28 = patch 14 x merge 2: images are resized to multiples of it, between these pixel counts.
     image_processor = Qwen2VLImageProcessor(
-        min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2
+        min_pixels=28 * 28, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2
     )
     video_processor = Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2)
     return Qwen2_5_VLProcessor(
