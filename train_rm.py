@@ -138,6 +138,7 @@ trainer = VLRewardTrainer(
 )
 trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
 trainer.save_model(config.output_dir)
+trainer.save_state()  # trainer_state.json: the final model's step, for eval_rm.py
 logger.info("final model saved to %s", config.output_dir)
 
 if eval_dataset is not None:

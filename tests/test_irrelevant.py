@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 
 from tests.test_train import losses, run_train
 from vlrm.batching import PaddedPreferenceCollator, split_rewards
@@ -32,8 +33,6 @@ def test_shared_images_are_never_partners(tmp_path):
         {"question": f"Q{i}?", "images": [f"img{i % 2}.png"], "chosen": f"answer {i}", "rejected": "no"}
         for i in range(6)
     ]
-    from PIL import Image
-
     for i in range(2):
         Image.new("RGB", (30, 30), (i * 200, 0, 0)).save(tmp_path / f"img{i}.png")
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -90,6 +89,22 @@ def test_collator_modes_put_the_chosen_response_under_other_prompts(dataset, enc
             ]
         batch = collator(examples)
         assert batch["num_irrelevant"] == 2 and batch["input_ids"].shape[0] == 2 * 2 + 2 * 2
+
+
+def test_image_mode_prefers_partners_asking_the_same_question(dataset, tmp_path):
+    sampler = IrrelevantPairSampler(dataset, num_pairs=2, seed=0, mode="image")
+    pool = list(range(8))
+    for index in range(len(dataset)):
+        for partners in (sampler.partners(index, 0), sampler.partners(index, 0, pool)):
+            assert all(dataset[other]["prompt"] == dataset[index]["prompt"] for other in partners), index
+            assert all(dataset[other]["chosen"] != dataset[index]["chosen"] for other in partners)
+    # A question no other row asks still gets partners (any valid row).
+    rows = [{"question": f"Q{i}?", "images": [f"img{i}.png"], "chosen": f"a{i}", "rejected": "no"} for i in range(4)]
+    for i in range(4):
+        Image.new("RGB", (30, 30), (i * 60, 0, 0)).save(tmp_path / f"img{i}.png")
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    unique, _ = load_preference_dataset(tmp_path / "rows.jsonl")
+    assert sorted(IrrelevantPairSampler(unique, num_pairs=3, seed=0, mode="image").partners(0, 0)) == [1, 2, 3]
 
 
 def test_loss_matches_a_hand_computation():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vlrm.batching import PaddedPreferenceCollator
+from vlrm.checkpoints import find_checkpoints
 from vlrm.data import load_preference_dataset
 from vlrm.model import VLRewardModel
 
@@ -90,3 +91,9 @@ def test_resume_continues_with_the_same_losses(trained, tmp_path, tiny_model_dir
     resumed = losses(tmp_path / "out")
     for step in (3, 4):
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5), step
+
+
+def test_final_model_records_its_step_for_the_eval_sweep(trained):
+    tmp_path, _ = trained
+    (final,) = find_checkpoints(tmp_path / "out", pattern="final-only")  # no checkpoint-* dir to fall back on
+    assert final.name == "final" and final.step == 4

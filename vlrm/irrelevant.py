@@ -11,8 +11,11 @@ anyway and costs only its response tokens; otherwise from the whole dataset. Dra
 the same on every process, different every epoch (and the shuffled batches differ every epoch too).
 
 Modes: ``query`` swaps the whole prompt (j's images and question); ``image`` keeps i's question and swaps only the
-images, which tests visual grounding. In ``image`` mode a partner must have as many images as i; a text-only row has
-no image to swap and falls back to ``query``.
+images, which tests visual grounding. In ``image`` mode a partner must have as many images as i, and partners that
+ask i's own question (with a different chosen answer) are preferred: a partner asking something else may show an
+image for which i's answer happens to be right (i asks the colour, j asks the count of shapes that have i's colour).
+A row whose question no other row asks takes any valid partner. A text-only row has no image to swap and falls back
+to ``query``.
 """
 
 from __future__ import annotations
@@ -53,6 +56,11 @@ class IrrelevantPairSampler:
         self.keys = prompt_keys(dataset)
         self.chosen = dataset["chosen"]
         self.image_counts = [len(key) if key[:1] != ("text",) else 0 for key in self.keys]
+        self.same_question: dict[str, list[int]] = {}  # image mode: question -> rows asking it
+        if mode == "image":
+            self.questions = [json.dumps(prompt, sort_keys=True) for prompt in dataset["prompt"]]
+            for index, question in enumerate(self.questions):
+                self.same_question.setdefault(question, []).append(index)
 
     def _valid(self, index: int, other: int) -> bool:
         if other == index or self.keys[other] == self.keys[index] or self.chosen[other] == self.chosen[index]:
@@ -62,29 +70,41 @@ class IrrelevantPairSampler:
         return True
 
     def partners(self, index: int, epoch: int, pool: list[int] | None = None) -> list[int]:
-        """``num_pairs`` distinct valid partners of row ``index`` for ``epoch``, from ``pool`` (the micro-batch's row
-        indices) when it has enough, else from the whole dataset."""
+        """``num_pairs`` distinct valid partners of row ``index`` for ``epoch``: from ``pool`` (the micro-batch's row
+        indices) when it has enough, else from the whole dataset; in ``image`` mode rows asking i's question first."""
         rng = np.random.default_rng([self.seed, epoch, index])
-        if pool is not None:
-            in_pool = [other for other in pool if self._valid(index, other)]
-            if len(in_pool) >= self.num_pairs:
-                return [in_pool[i] for i in rng.permutation(len(in_pool))[: self.num_pairs].tolist()]
-        size = len(self.keys)
+        if self.mode == "image" and self.image_counts[index]:
+            asked_too = self.same_question[self.questions[index]]
+            same_in_pool = [other for other in pool or [] if self.questions[other] == self.questions[index]]
+            for candidates in (same_in_pool, asked_too):
+                if drawn := self._draw(index, candidates, rng):
+                    return drawn
+        if pool is not None and (drawn := self._draw(index, pool, rng)):
+            return drawn
+        if drawn := self._draw(index, range(len(self.keys)), rng):
+            return drawn
+        valid = sum(self._valid(index, other) for other in range(len(self.keys)))
+        raise ValueError(
+            f"row {index}: only {valid} other pairs have different images and a different chosen response; "
+            f"num_irrelevant_pairs={self.num_pairs} needs more"
+        )
+
+    def _draw(self, index: int, candidates: Sequence[int], rng: np.random.Generator) -> list[int] | None:
+        """``num_pairs`` distinct valid partners drawn from ``candidates``, or None when it holds too few."""
         chosen: list[int] = []
-        for _ in range(64 * self.num_pairs):  # rejection sampling: valid partners are the vast majority
-            other = int(rng.integers(size))
+        for _ in range(64 * self.num_pairs if len(candidates) > 64 else 0):  # rejection sampling, for large sets
+            other = candidates[int(rng.integers(len(candidates)))]
             if other not in chosen and self._valid(index, other):
                 chosen.append(other)
                 if len(chosen) == self.num_pairs:
                     return chosen
-        candidates = [other for other in rng.permutation(size).tolist() if self._valid(index, other)]
-        candidates = [other for other in candidates if other not in chosen]
-        if len(chosen) + len(candidates) < self.num_pairs:
-            raise ValueError(
-                f"row {index}: only {len(chosen) + len(candidates)} other pairs have different images and a "
-                f"different chosen response; num_irrelevant_pairs={self.num_pairs} needs more"
-            )
-        return chosen + candidates[: self.num_pairs - len(chosen)]
+        for position in rng.permutation(len(candidates)).tolist():
+            other = candidates[position]
+            if other not in chosen and self._valid(index, other):
+                chosen.append(other)
+                if len(chosen) == self.num_pairs:
+                    return chosen
+        return None
 
 
 def irrelevant_prompts(
