@@ -27,7 +27,7 @@ from vlrm.config import TrainConfig, config_to_dict, load_config
 from vlrm.data import load_preference_dataset
 from vlrm.irrelevant import EpochCallback, IrrelevantPairSampler, IrrelevantQueryCollator, with_row_index
 from vlrm.model import VLRewardModel
-from vlrm.packing import enable_packed_attention
+from vlrm.packing import enable_packed_attention, pair_lengths, pair_tokens
 from vlrm.scoring import apply_pixel_limits
 from vlrm.trainer import LogFileCallback, VLRewardTrainer
 
@@ -79,6 +79,11 @@ def load_split(path: str, max_samples: int | None):
 
 train_dataset = load_split(config.dataset_path, config.max_train_samples)
 eval_dataset = load_split(config.eval_dataset_path, config.max_eval_samples) if config.eval_dataset_path else None
+if config.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
+    # transformers' length-aware samplers read each pair's size from this column: its tokens in the layout used.
+    num_irrelevant = config.num_irrelevant_pairs if config.use_irrelevant_queries else 0
+    sizes = [pair_tokens(length, num_irrelevant, config.packing) for length in pair_lengths(train_dataset, encoder)]
+    train_dataset = train_dataset.add_column(config.length_column_name, sizes)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model

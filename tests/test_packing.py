@@ -26,12 +26,11 @@ from vlrm.batching import PaddedPreferenceCollator, make_collator
 from vlrm.model import VLRewardModel
 from vlrm.packing import (
     PackedPreferenceCollator,
-    TokenBudgetBatchSampler,
     enable_packed_attention,
     packed_tokens,
     pair_lengths,
+    pair_tokens,
     prompt_key,
-    token_budget_batches,
 )
 
 PAIR_FIELDS = ("num_pairs", "num_irrelevant", "margin")
@@ -283,20 +282,18 @@ def test_flash_varlen_path_with_a_reference_kernel(model, encoder, monkeypatch):
     _assert_close(varlen_rewards, sdpa_rewards)
 
 
-def test_token_budget_batches_respect_the_budget_and_share_prompts():
-    lengths = [(100, 10, 20), (100, 30, 5), (50, 5, 5), (400, 10, 10), (60, 5, 5)]
-    # In order: 130 + 135 fit in 300, then +60 does not; pair 3 (420) is over the budget alone: a batch of its own.
-    assert token_budget_batches(lengths, max_tokens_per_batch=300) == [[0, 1], [2], [3], [4]]
-    assert token_budget_batches(lengths, max_tokens_per_batch=300, order=[2, 4, 0, 1, 3]) == [[2, 4, 0], [1], [3]]
+def test_pair_sizes_count_each_layout_s_tokens(encoder):
+    lengths = [(100, 10, 20), (100, 30, 5)]
     # A shared prompt is counted once; irrelevant branches add the chosen response again.
-    assert packed_tokens(lengths[:2], prompt_keys=["a", "a"]) == 100 + 30 + 35
-    assert packed_tokens(lengths[:2], num_irrelevant=1) == 200 + 30 + 35 + 40
-    assert token_budget_batches(lengths[:3], 10_000, max_pairs=2) == [[0, 1], [2]]
-    sampler = TokenBudgetBatchSampler(lengths, 300, seed=3)
-    first = list(sampler)
-    sampler.set_epoch(1)
-    assert sorted(sum(first, [])) == sorted(sum(list(sampler), [])) == list(range(5))
-    assert len(sampler) == len(list(sampler))
+    assert packed_tokens(lengths, prompt_keys=["a", "a"]) == 100 + 30 + 35
+    assert packed_tokens(lengths, num_irrelevant=1) == 200 + 30 + 35 + 40
+    assert pair_tokens(lengths[0]) == 130 and pair_tokens(lengths[0], num_irrelevant=2) == 150
+    # Padded: one row per branch (chosen, rejected, irrelevant), each prompt + the longer response long.
+    assert pair_tokens(lengths[0], num_irrelevant=1, packing=False) == 3 * 120
+    row = {"prompt": [{"role": "user", "content": [{"type": "text", "text": "Hi?"}]}], "images": [],
+           "chosen": "A long answer here.", "rejected": "No."}  # fmt: skip
+    padded = PaddedPreferenceCollator(encoder)([row])
+    assert padded["input_ids"].numel() == pair_tokens(encoder.sequence_lengths(row), packing=False)
 
 
 def test_pair_lengths_predict_the_packed_row(encoder, synthetic_dir):

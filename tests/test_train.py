@@ -1,17 +1,20 @@
 """End-to-end training through train_rm.py itself (run in-process with runpy, as `python train_rm.py` would)."""
 
 import json
+import math
 import runpy
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from transformers.trainer_pt_utils import BatchRebalanceSampler
 
 from vlrm.batching import PaddedPreferenceCollator
 from vlrm.checkpoints import find_checkpoints
 from vlrm.data import load_preference_dataset
 from vlrm.model import VLRewardModel
+from vlrm.packing import pair_lengths, pair_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,3 +100,24 @@ def test_final_model_records_its_step_for_the_eval_sweep(trained):
     tmp_path, _ = trained
     (final,) = find_checkpoints(tmp_path / "out", pattern="final-only")  # no checkpoint-* dir to fall back on
     assert final.name == "final" and final.step == 4
+
+
+def test_length_aware_sampling_reads_each_pair_s_tokens(tmp_path, tiny_model_dir, synthetic_dir):
+    run = run_train(
+        tmp_path,
+        tiny_model_dir,
+        synthetic_dir,
+        "--train_sampling_strategy",
+        "batch_rebalance",
+        "--save_strategy",
+        "no",
+    )
+    trainer = run["trainer"]
+    dataset = trainer.train_dataset
+    assert dataset["length"] == [pair_tokens(length) for length in pair_lengths(dataset, run["encoder"])]
+    sampler = trainer._get_train_sampler(dataset)
+    assert isinstance(sampler, BatchRebalanceSampler)
+    assert sorted(index for batch in sampler for index in batch) == list(range(len(dataset)))
+    assert trainer.state.global_step == 4 and all(
+        math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry
+    )

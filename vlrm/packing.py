@@ -33,8 +33,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -518,7 +517,7 @@ def enable_packed_attention(model: Any) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Token budget: micro-batches of pairs by packed tokens
+# Pair sizes: tokens a pair costs in each layout, for length-aware batching
 
 
 def packed_tokens(
@@ -536,38 +535,14 @@ def packed_tokens(
     return total
 
 
-def token_budget_batches(
-    lengths: Sequence[tuple[int, int, int]],
-    max_tokens_per_batch: int,
-    num_irrelevant: int = 0,
-    prompt_keys: Sequence | None = None,
-    max_pairs: int | None = None,
-    order: Sequence[int] | None = None,
-) -> list[list[int]]:
-    """Pair indices grouped, in ``order`` (default: as given), into micro-batches of at most ``max_tokens_per_batch``
-    packed tokens (see ``packed_tokens``) and ``max_pairs`` pairs. A pair over the budget on its own gets a batch of
-    its own. ``lengths[i]`` is ``PreferenceEncoder.sequence_lengths(row_i)`` (see ``pair_lengths``).
-
-    Irrelevant prompts drawn from outside the micro-batch add their prompt tokens on top of this count."""
-    batches, batch, seen, total = [], [], set(), 0
-    for index in order if order is not None else range(len(lengths)):
-        prompt_length, chosen_length, rejected_length = lengths[index]
-        key = prompt_keys[index] if prompt_keys is not None else ("pair", index)
-        cost = chosen_length * (1 + num_irrelevant) + rejected_length
-        if batch and (
-            total + cost + (0 if key in seen else prompt_length) > max_tokens_per_batch
-            or (max_pairs is not None and len(batch) >= max_pairs)
-        ):
-            batches.append(batch)
-            batch, seen, total = [], set(), 0
-        if key not in seen:
-            seen.add(key)
-            total += prompt_length
-        batch.append(index)
-        total += cost
-    if batch:
-        batches.append(batch)
-    return batches
+def pair_tokens(length: tuple[int, int, int], num_irrelevant: int = 0, packing: bool = True) -> int:
+    """Tokens one pair adds to a micro-batch: packed, its prompt once plus its branches; padded, one row per branch,
+    each as long as the prompt plus the longer response. The size transformers' length-aware samplers
+    (``train_sampling_strategy: group_by_length | batch_rebalance``) read from the dataset's length column."""
+    if packing:
+        return packed_tokens([length], num_irrelevant)
+    prompt_length, chosen_length, rejected_length = length
+    return (2 + num_irrelevant) * (prompt_length + max(chosen_length, rejected_length))
 
 
 def pair_lengths(dataset: Any, encoder: PreferenceEncoder) -> list[tuple[int, int, int]]:
@@ -577,39 +552,3 @@ def pair_lengths(dataset: Any, encoder: PreferenceEncoder) -> list[tuple[int, in
     if isinstance(dataset, datasets.Dataset):
         dataset = dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))
     return [encoder.sequence_lengths(row) for row in dataset]
-
-
-class TokenBudgetBatchSampler(torch.utils.data.Sampler):
-    """A batch sampler of token-budget micro-batches: pairs shuffled each epoch (seeded by ``seed`` and the epoch
-    set by ``set_epoch``), then grouped by ``token_budget_batches``. The number of batches varies by epoch."""
-
-    def __init__(
-        self,
-        lengths: Sequence[tuple[int, int, int]],
-        max_tokens_per_batch: int,
-        num_irrelevant: int = 0,
-        prompt_keys: Sequence | None = None,
-        max_pairs: int | None = None,
-        shuffle: bool = True,
-        seed: int = 0,
-    ):
-        self.lengths, self.max_tokens_per_batch = list(lengths), max_tokens_per_batch
-        self.num_irrelevant, self.prompt_keys, self.max_pairs = num_irrelevant, prompt_keys, max_pairs
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _batches(self) -> list[list[int]]:
-        order = list(range(len(self.lengths)))
-        if self.shuffle:
-            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return token_budget_batches(
-            self.lengths, self.max_tokens_per_batch, self.num_irrelevant, self.prompt_keys, self.max_pairs, order
-        )
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
-
-    def __len__(self) -> int:
-        return len(self._batches())
