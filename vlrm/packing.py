@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -431,22 +431,21 @@ def packed_varlen(
     return output.to(query.dtype)[None]
 
 
-def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    layout = kwargs.pop("packed_layout", None)
-    if layout is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    return packed_sdpa(module, query, key, value, layout, dropout, scaling), None
+def _packed_or(standard: Callable) -> Callable:
+    """An attention function that runs ``packed_sdpa`` when the call carries a packed layout, else ``standard``
+    (transformers' own SDPA or eager attention, for padded batches)."""
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        layout = kwargs.pop("packed_layout", None)
+        if layout is None:
+            return standard(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return packed_sdpa(module, query, key, value, layout, dropout, scaling), None
+
+    return attention
 
 
-def packed_eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    layout = kwargs.pop("packed_layout", None)
-    if layout is None:
-        return eager_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
-    return packed_sdpa(module, query, key, value, layout, dropout, scaling), None
+packed_sdpa_attention = _packed_or(sdpa_attention_forward)
+packed_eager_attention = _packed_or(eager_attention_forward)
 
 
 def packed_flash_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
