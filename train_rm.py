@@ -22,12 +22,12 @@ import torch
 import transformers
 from transformers import AutoProcessor, set_seed
 
-from vlrm.batching import PreferenceEncoder, drop_overlong, make_collator
+from vlrm.batching import PreferenceEncoder, drop_overlong, make_collator, pair_lengths
 from vlrm.config import TrainConfig, config_to_dict, load_config
 from vlrm.data import load_preference_dataset
 from vlrm.irrelevant import EpochCallback, IrrelevantPairSampler, IrrelevantQueryCollator, with_row_index
 from vlrm.model import VLRewardModel
-from vlrm.packing import enable_packed_attention, pair_lengths, pair_tokens
+from vlrm.packing import enable_packed_attention, pair_tokens
 from vlrm.scoring import apply_pixel_limits
 from vlrm.trainer import LogFileCallback, VLRewardTrainer
 
@@ -65,7 +65,7 @@ encoder = PreferenceEncoder(processor)
 def load_split(path: str, max_samples: int | None):
     dataset, report = load_preference_dataset(path, config.on_bad_sample, max_samples, config.seed)
     logger.info(report.summary())
-    dataset, dropped = drop_overlong(dataset, encoder, config.max_seq_length)
+    dataset, lengths, dropped = drop_overlong(dataset, pair_lengths(dataset, encoder), config.max_seq_length)
     if dropped:
         logger.warning(
             "%s: dropped %d pairs longer than max_seq_length=%d (first: %s)",
@@ -74,15 +74,15 @@ def load_split(path: str, max_samples: int | None):
             config.max_seq_length,
             ", ".join(dropped[:3]),
         )
-    return dataset
+    return dataset, lengths
 
 
-train_dataset = load_split(config.dataset_path, config.max_train_samples)
-eval_dataset = load_split(config.eval_dataset_path, config.max_eval_samples) if config.eval_dataset_path else None
+train_dataset, train_lengths = load_split(config.dataset_path, config.max_train_samples)
+eval_dataset = load_split(config.eval_dataset_path, config.max_eval_samples)[0] if config.eval_dataset_path else None
 if config.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
     # transformers' length-aware samplers read each pair's size from this column: its tokens in the layout used.
     num_irrelevant = config.num_irrelevant_pairs if config.use_irrelevant_queries else 0
-    sizes = [pair_tokens(length, num_irrelevant, config.packing) for length in pair_lengths(train_dataset, encoder)]
+    sizes = [pair_tokens(length, num_irrelevant, config.packing) for length in train_lengths]
     train_dataset = train_dataset.add_column(config.length_column_name, sizes)
 
 # ----------------------------------------------------------------------------------------------------------------

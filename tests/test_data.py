@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from vlrm.batching import drop_overlong
+from vlrm.batching import drop_overlong, pair_lengths
 from vlrm.data import BadSampleError, load_preference_dataset
 from vlrm.synthetic import draw_shapes, make_synthetic_dataset
 
@@ -156,9 +156,10 @@ def test_overlong_rows_are_dropped_and_counted_never_truncated(tmp_path, encoder
     ]
     dataset, _ = load_preference_dataset(_write_jsonl(tmp_path / "rows.jsonl", rows))
     prompt_length, chosen_length, _ = encoder.sequence_lengths(dataset[1])
-    kept, dropped = drop_overlong(dataset, encoder, max_seq_length=100)
+    lengths = pair_lengths(dataset, encoder)
+    kept, _, dropped = drop_overlong(dataset, lengths, max_seq_length=100)
     assert kept["id"] == ["short"] and len(dropped) == 1 and dropped[0].startswith("long")
-    kept, dropped = drop_overlong(dataset, encoder, max_seq_length=prompt_length + chosen_length)
+    kept, _, dropped = drop_overlong(dataset, lengths, max_seq_length=prompt_length + chosen_length)
     assert kept["id"] == ["short", "long"] and dropped == []
 
 

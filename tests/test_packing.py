@@ -22,13 +22,12 @@ from PIL import Image
 from transformers import set_seed
 
 import vlrm.packing as packing
-from vlrm.batching import PaddedPreferenceCollator, make_collator
+from vlrm.batching import PaddedPreferenceCollator, make_collator, pair_lengths
 from vlrm.model import VLRewardModel
 from vlrm.packing import (
     PackedPreferenceCollator,
     enable_packed_attention,
     packed_tokens,
-    pair_lengths,
     pair_tokens,
     prompt_key,
 )

@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
-from vlrm.batching import PaddedPreferenceCollator
+from vlrm.batching import PaddedPreferenceCollator, pair_lengths
 from vlrm.checkpoints import find_checkpoints
 from vlrm.data import load_preference_dataset
 from vlrm.model import VLRewardModel
-from vlrm.packing import pair_lengths, pair_tokens
+from vlrm.packing import pair_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -156,19 +156,28 @@ def split_rewards(
     return chosen, rejected, irrelevant
 
 
-def drop_overlong(dataset, encoder: PreferenceEncoder, max_seq_length: int):
-    """Drop pairs whose prompt + longer response exceeds ``max_seq_length``; returns (dataset, dropped ids)."""
+def pair_lengths(dataset: Any, encoder: PreferenceEncoder) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) tokens of every row, from image sizes alone (no pixels are decoded)."""
     import datasets
 
-    undecoded = dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))
-    keep, dropped = [], []
-    for index, row in enumerate(undecoded):
-        prompt_length, chosen_length, rejected_length = encoder.sequence_lengths(row)
-        if prompt_length + max(chosen_length, rejected_length) <= max_seq_length:
-            keep.append(index)
-        else:
-            dropped.append(f"{row['id']} ({prompt_length + max(chosen_length, rejected_length)} tokens)")
-    return (dataset if not dropped else dataset.select(keep)), dropped
+    if isinstance(dataset, datasets.Dataset):
+        dataset = dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))
+    return [encoder.sequence_lengths(row) for row in dataset]
+
+
+def drop_overlong(dataset, lengths: list[tuple[int, int, int]], max_seq_length: int):
+    """Drop pairs whose prompt + longer response exceeds ``max_seq_length``; ``lengths`` from ``pair_lengths``.
+    Returns (dataset, the kept pairs' lengths, dropped ids with their token counts)."""
+    longest = [
+        prompt_length + max(chosen_length, rejected_length)
+        for prompt_length, chosen_length, rejected_length in lengths
+    ]
+    keep = [index for index, tokens in enumerate(longest) if tokens <= max_seq_length]
+    if len(keep) == len(lengths):
+        return dataset, lengths, []
+    ids = dataset["id"]
+    dropped = [f"{ids[index]} ({tokens} tokens)" for index, tokens in enumerate(longest) if tokens > max_seq_length]
+    return dataset.select(keep), [lengths[index] for index in keep], dropped
 
 
 def make_collator(encoder: PreferenceEncoder, packing: bool = False):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import datasets
@@ -92,19 +92,22 @@ class IrrelevantPairSampler:
     def _draw(self, index: int, candidates: Sequence[int], rng: np.random.Generator) -> list[int] | None:
         """``num_pairs`` distinct valid partners drawn from ``candidates``, or None when it holds too few."""
         chosen: list[int] = []
-        for _ in range(64 * self.num_pairs if len(candidates) > 64 else 0):  # rejection sampling, for large sets
-            other = candidates[int(rng.integers(len(candidates)))]
-            if other not in chosen and self._valid(index, other):
-                chosen.append(other)
-                if len(chosen) == self.num_pairs:
-                    return chosen
-        for position in rng.permutation(len(candidates)).tolist():
+        for position in _positions(len(candidates), 64 * self.num_pairs if len(candidates) > 64 else 0, rng):
             other = candidates[position]
             if other not in chosen and self._valid(index, other):
                 chosen.append(other)
                 if len(chosen) == self.num_pairs:
                     return chosen
         return None
+
+
+def _positions(size: int, random_draws: int, rng: np.random.Generator) -> Iterator[int]:
+    """``random_draws`` positions drawn with replacement (rejection sampling: cheap when valid partners are the vast
+    majority of a large set), then every position once in a random order (so a scarce valid partner is still found);
+    the permutation is only made when the draws were not enough."""
+    for _ in range(random_draws):
+        yield int(rng.integers(size))
+    yield from rng.permutation(size).tolist()
 
 
 def irrelevant_prompts(

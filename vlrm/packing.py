@@ -537,17 +537,9 @@ def packed_tokens(
 def pair_tokens(length: tuple[int, int, int], num_irrelevant: int = 0, packing: bool = True) -> int:
     """Tokens one pair adds to a micro-batch: packed, its prompt once plus its branches; padded, one row per branch,
     each as long as the prompt plus the longer response. The size transformers' length-aware samplers
-    (``train_sampling_strategy: group_by_length | batch_rebalance``) read from the dataset's length column."""
+    (``train_sampling_strategy: group_by_length | batch_rebalance``) read from the dataset's length column;
+    ``length`` is one entry of ``vlrm.batching.pair_lengths``."""
     if packing:
         return packed_tokens([length], num_irrelevant)
     prompt_length, chosen_length, rejected_length = length
     return (2 + num_irrelevant) * (prompt_length + max(chosen_length, rejected_length))
-
-
-def pair_lengths(dataset: Any, encoder: PreferenceEncoder) -> list[tuple[int, int, int]]:
-    """(prompt, chosen, rejected) tokens of every row, from image sizes alone (no pixels are decoded)."""
-    import datasets
-
-    if isinstance(dataset, datasets.Dataset):
-        dataset = dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))
-    return [encoder.sequence_lengths(row) for row in dataset]
