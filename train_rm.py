@@ -150,3 +150,5 @@ if eval_dataset is not None:
     metrics = trainer.evaluate()
     logger.info("held-out preference accuracy: %.4f (%d pairs)", metrics["eval_accuracy"], len(eval_dataset))
 logger.info("log written to %s", log_path)
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()  # an orderly exit: no communication thread left to abort the process
