@@ -56,9 +56,9 @@ from transformers import HfArgumentParser
 
 from vlrm.checkpoints import CheckpointError, find_checkpoints, weights_mtime
 from vlrm.config import EvalConfig, config_to_dict, load_config
-from vlrm.data import load_preference_dataset
 from vlrm.irrelevant import RowsWithIrrelevantPrompts
 from vlrm.metrics import evaluate_pairs, irrelevant_metrics
+from vlrm.prepare import load_preference_dataset
 from vlrm.scoring import RewardScorer
 
 logger = logging.getLogger("vlrm.eval")
@@ -252,7 +252,12 @@ def sweep(config: EvalConfig, config_path: str, log_path: Path) -> int:
 
     if todo:
         dataset, report = load_preference_dataset(
-            config.dataset_path, config.on_bad_sample, config.max_eval_samples, config.seed
+            config.dataset_path,
+            config.on_bad_sample,
+            config.max_eval_samples,
+            config.seed,
+            cache_dir=config.data_cache_dir,
+            num_proc=config.dataset_num_proc,
         )
         logger.info(report.summary())
         pair_ids, categories = list(dataset["id"]), list(dataset["category"])

@@ -9,6 +9,8 @@ Many GPUs (torchrun + DeepSpeed, see run_distributed.sh):
     ./run_distributed.sh --gpus 8 --config training_configs/7b_config.yaml -- --num_train_epochs 2
 Resume:
     python train_rm.py CONFIG --resume_from_checkpoint outputs/run/checkpoint-200
+Prepare the data ahead (optional; the first run does it and caches it, see vlrm/prepare.py):
+    python -m vlrm.prepare training_configs/7b_config.yaml
 
 The run's log goes to logs/train_TIMESTAMP.log; checkpoints (weights + config + processor) to output_dir.
 """
@@ -22,12 +24,12 @@ import torch
 import transformers
 from transformers import AutoProcessor, set_seed
 
-from vlrm.batching import PreferenceEncoder, drop_overlong, make_collator, pair_lengths
+from vlrm.batching import PreferenceEncoder, make_collator
 from vlrm.config import TrainConfig, config_to_dict, load_config
-from vlrm.data import load_preference_dataset
 from vlrm.irrelevant import EpochCallback, IrrelevantPairSampler, IrrelevantQueryCollator, with_row_index
 from vlrm.model import VLRewardModel
 from vlrm.packing import enable_packed_attention, pair_tokens
+from vlrm.prepare import pair_lengths, peak_memory_gb, prepare_training_data
 from vlrm.scoring import apply_pixel_limits
 from vlrm.trainer import LogFileCallback, VLRewardTrainer
 
@@ -61,28 +63,20 @@ processor = AutoProcessor.from_pretrained(config.model_name_or_path)
 apply_pixel_limits(processor, config.min_pixels, config.max_pixels)  # saved with every checkpoint
 encoder = PreferenceEncoder(processor)
 
-
-def load_split(path: str, max_samples: int | None):
-    dataset, report = load_preference_dataset(path, config.on_bad_sample, max_samples, config.seed)
-    logger.info(report.summary())
-    dataset, lengths, dropped = drop_overlong(dataset, pair_lengths(dataset, encoder), config.max_seq_length)
-    if dropped:
-        logger.warning(
-            "%s: dropped %d pairs longer than max_seq_length=%d (first: %s)",
-            path,
-            len(dropped),
-            config.max_seq_length,
-            ", ".join(dropped[:3]),
-        )
-    return dataset, lengths
-
-
-train_dataset, train_lengths = load_split(config.dataset_path, config.max_train_samples)
-eval_dataset = load_split(config.eval_dataset_path, config.max_eval_samples)[0] if config.eval_dataset_path else None
+# Prepared once into a memory-mapped Arrow set (vlrm.prepare), or loaded from its cache: each node's first process
+# goes first, the other ranks wait at a barrier and then load what it wrote.
+with config.main_process_first(desc="preparing data"):
+    data_started = time.perf_counter()
+    train_dataset, eval_dataset = prepare_training_data(config, encoder)
+    data_seconds = time.perf_counter() - data_started
+logger.info(
+    "rank %d: data ready in %.1f s (%d training pairs), peak memory %.2f GB",
+    config.process_index, data_seconds, len(train_dataset), peak_memory_gb(),
+)  # fmt: skip
 if config.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
     # transformers' length-aware samplers read each pair's size from this column: its tokens in the layout used.
     num_irrelevant = config.num_irrelevant_pairs if config.use_irrelevant_queries else 0
-    sizes = [pair_tokens(length, num_irrelevant, config.packing) for length in train_lengths]
+    sizes = [pair_tokens(length, num_irrelevant, config.packing) for length in pair_lengths(train_dataset)]
     train_dataset = train_dataset.add_column(config.length_column_name, sizes)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,6 +143,8 @@ logger.info("final model saved to %s", config.output_dir)
 if eval_dataset is not None:
     metrics = trainer.evaluate()
     logger.info("held-out preference accuracy: %.4f (%d pairs)", metrics["eval_accuracy"], len(eval_dataset))
-logger.info("log written to %s", log_path)
+logger.info(
+    "rank %d: peak memory %.2f GB at the end; log written to %s", config.process_index, peak_memory_gb(), log_path
+)
 if torch.distributed.is_initialized():
     torch.distributed.destroy_process_group()  # an orderly exit: no communication thread left to abort the process

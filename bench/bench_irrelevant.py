@@ -18,9 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vlrm.data import load_preference_dataset  # noqa: E402
 from vlrm.irrelevant import RowsWithIrrelevantPrompts  # noqa: E402
 from vlrm.metrics import irrelevant_metrics, preference_metrics  # noqa: E402
+from vlrm.prepare import load_preference_dataset  # noqa: E402
 from vlrm.scoring import RewardScorer  # noqa: E402
 from vlrm.synthetic import make_synthetic_dataset  # noqa: E402
 from vlrm.tiny import build_tiny_model_dir  # noqa: E402

@@ -1,6 +1,7 @@
 """Shared fixtures: one tiny offline Qwen2.5-VL and one small synthetic preference set per test session."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -11,6 +12,13 @@ from transformers import AutoProcessor
 from vlrm.batching import PreferenceEncoder
 from vlrm.synthetic import make_synthetic_dataset
 from vlrm.tiny import build_tiny_model_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prepared_data_cache(tmp_path_factory):
+    """Prepared data sets go to a fresh cache for the session (subprocesses inherit it), never to ~/.cache."""
+    os.environ["VLRM_CACHE_DIR"] = str(tmp_path_factory.mktemp("vlrm_cache"))
+    return Path(os.environ["VLRM_CACHE_DIR"]) / "prepared"
 
 
 @pytest.fixture(scope="session")

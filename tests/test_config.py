@@ -26,7 +26,7 @@ def test_file_values_and_command_line_overrides(config_file):
 def test_json_config_loads(tmp_path):
     path = tmp_path / "config.json"
     path.write_text('{"model_name_or_path": "m", "dataset_path": "d.jsonl", "output_dir": "o", "bf16": false}')
-    assert load_config(TrainConfig, path).dataset_path == "d.jsonl"
+    assert load_config(TrainConfig, path).dataset_path == ["d.jsonl"]
 
 
 def test_unknown_key_in_file_suggests_closest(config_file):

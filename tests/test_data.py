@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from vlrm.batching import drop_overlong, pair_lengths
-from vlrm.data import BadSampleError, load_preference_dataset
+from vlrm.data import BadSampleError
+from vlrm.prepare import load_preference_dataset, pair_lengths
 from vlrm.synthetic import draw_shapes, make_synthetic_dataset
 
 
@@ -154,13 +154,16 @@ def test_overlong_rows_are_dropped_and_counted_never_truncated(tmp_path, encoder
         {"id": "short", "question": "Q?", "images": [], "chosen": "yes", "rejected": "no"},
         {"id": "long", "question": "Q?", "images": [], "chosen": "word " * 300, "rejected": "no"},
     ]
-    dataset, _ = load_preference_dataset(_write_jsonl(tmp_path / "rows.jsonl", rows))
-    prompt_length, chosen_length, _ = encoder.sequence_lengths(dataset[1])
-    lengths = pair_lengths(dataset, encoder)
-    kept, _, dropped = drop_overlong(dataset, lengths, max_seq_length=100)
-    assert kept["id"] == ["short"] and len(dropped) == 1 and dropped[0].startswith("long")
-    kept, _, dropped = drop_overlong(dataset, lengths, max_seq_length=prompt_length + chosen_length)
-    assert kept["id"] == ["short", "long"] and dropped == []
+    path = _write_jsonl(tmp_path / "rows.jsonl", rows)
+    everything, _ = load_preference_dataset(path, encoder=encoder)
+    prompt_length, chosen_length, _ = encoder.sequence_lengths(everything[1])
+    assert pair_lengths(everything)[1][:2] == (prompt_length, chosen_length)
+    kept, report = load_preference_dataset(path, encoder=encoder, max_seq_length=100)
+    assert kept["id"] == ["short"] and report.num_overlong == 1 and report.overlong[0].startswith("long")
+    assert "dropped 1 pairs longer than max_seq_length=100" in report.summary()
+    kept, report = load_preference_dataset(path, encoder=encoder, max_seq_length=prompt_length + chosen_length)
+    assert kept["id"] == ["short", "long"] and report.num_overlong == 0
+    assert kept[1]["chosen"] == "word " * 300  # kept whole
 
 
 def test_sequence_length_counts_visual_tokens(synthetic_dir, encoder):

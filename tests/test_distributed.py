@@ -32,8 +32,8 @@ import torch
 from transformers import AutoProcessor
 
 from vlrm.batching import PreferenceEncoder, make_collator
-from vlrm.data import load_preference_dataset
 from vlrm.model import VLRewardModel
+from vlrm.prepare import load_preference_dataset
 from vlrm.synthetic import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +96,7 @@ def launch(tmp_path_factory, tiny_model_dir, data_dir):
             "--logging_steps", "1",
             "--save_steps", "2",
             "--report_to", "none",
+            "--data_cache_dir", str(root / "cache" / name),  # each run prepares its own data
             *extra,
         ]  # fmt: skip
         env = run_env()
@@ -172,6 +173,15 @@ def test_two_processes_match_one_process_with_the_global_batch(single_run, ddp_r
     # Training moved: otherwise matching losses would prove nothing.
     assert abs(ddp[STEPS]["loss"] - ddp[1]["loss"]) > 0.01
     assert_same_steps(ddp, single, range(1, STEPS + 1), "2 processes x batch 1 vs 1 process x batch 2")
+
+
+def test_only_the_main_process_prepares_the_data(ddp_run):
+    (log,) = (ddp_run.parent / "launcher" / "ddp").glob("train_*.log")
+    text = log.read_text()
+    # Rank 0 builds the prepared set; rank 1 waits at the barrier, then loads the same files.
+    assert text.count("train.jsonl: 16 of 16 pairs kept; prepared in") == 1, text[-3000:]
+    assert text.count("train.jsonl: 16 of 16 pairs kept; loaded from the prepared cache") == 1, text[-3000:]
+    assert "rank 0: data ready in" in text and "rank 1: data ready in" in text
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -18,8 +18,8 @@ from PIL import Image
 from vlrm.batching import make_collator, split_rewards
 from vlrm.checkpoints import CheckpointError, check_loadable, find_checkpoints, parse_step
 from vlrm.config import ConfigError, EvalConfig, load_config
-from vlrm.data import load_preference_dataset
 from vlrm.model import VLRewardModel
+from vlrm.prepare import load_preference_dataset
 from vlrm.scoring import RewardScorer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ from PIL import Image
 
 from tests.test_train import losses, run_train
 from vlrm.batching import PaddedPreferenceCollator, split_rewards
-from vlrm.data import load_preference_dataset
 from vlrm.irrelevant import IrrelevantPairSampler, IrrelevantQueryCollator, prompt_keys, with_row_index
+from vlrm.prepare import load_preference_dataset
 from vlrm.trainer import reward_losses
 
 

@@ -3,8 +3,8 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, set_seed
 
 from vlrm.batching import PaddedPreferenceCollator, split_rewards
-from vlrm.data import load_preference_dataset
 from vlrm.model import VLRewardModel, last_token_index
+from vlrm.prepare import load_preference_dataset
 
 
 @pytest.fixture(scope="module")

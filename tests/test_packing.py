@@ -22,7 +22,7 @@ from PIL import Image
 from transformers import set_seed
 
 import vlrm.packing as packing
-from vlrm.batching import PaddedPreferenceCollator, make_collator, pair_lengths
+from vlrm.batching import PaddedPreferenceCollator, make_collator
 from vlrm.model import VLRewardModel
 from vlrm.packing import (
     PackedPreferenceCollator,
@@ -296,10 +296,10 @@ def test_pair_sizes_count_each_layout_s_tokens(encoder):
 
 
 def test_pair_lengths_predict_the_packed_row(encoder, synthetic_dir):
-    from vlrm.data import load_preference_dataset
+    from vlrm.prepare import load_preference_dataset, pair_lengths
 
-    dataset, _ = load_preference_dataset(synthetic_dir / "train.jsonl", max_samples=4)
-    lengths = pair_lengths(dataset, encoder)
+    dataset, _ = load_preference_dataset(synthetic_dir / "train.jsonl", max_samples=4, encoder=encoder)
+    lengths = pair_lengths(dataset)
     rows = list(dataset)
     for index, row in enumerate(rows):
         row["irrelevant"] = [_same_prompt(rows[(index + 1) % len(rows)])]

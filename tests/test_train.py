@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
-from vlrm.batching import PaddedPreferenceCollator, pair_lengths
+from vlrm.batching import PaddedPreferenceCollator
 from vlrm.checkpoints import find_checkpoints
-from vlrm.data import load_preference_dataset
 from vlrm.model import VLRewardModel
 from vlrm.packing import pair_tokens
+from vlrm.prepare import load_preference_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,6 +94,18 @@ def test_resume_continues_with_the_same_losses(trained, tmp_path, tiny_model_dir
     resumed = losses(tmp_path / "out")
     for step in (3, 4):
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5), step
+    (log_file,) = (tmp_path / "logs").glob("train_*.log")  # the resumed run read the prepared set from the cache
+    assert "train.jsonl: 48 of 48 pairs kept; loaded from the prepared cache" in log_file.read_text()
+
+
+def test_dataloader_workers_decode_images_for_the_collator(tmp_path, tiny_model_dir, synthetic_dir):
+    run = run_train(
+        tmp_path, tiny_model_dir, synthetic_dir, "--dataloader_num_workers", "2", "--use_irrelevant_queries", "true",
+        "--max_steps", "2", "--save_strategy", "no",
+    )  # fmt: skip
+    history = run["trainer"].state.log_history
+    assert run["trainer"].state.global_step == 2
+    assert all(math.isfinite(entry["loss"]) and entry["irrelevant_loss"] > 0 for entry in history if "loss" in entry)
 
 
 def test_final_model_records_its_step_for_the_eval_sweep(trained):
@@ -114,7 +126,8 @@ def test_length_aware_sampling_reads_each_pair_s_tokens(tmp_path, tiny_model_dir
     )
     trainer = run["trainer"]
     dataset = trainer.train_dataset
-    assert dataset["length"] == [pair_tokens(length) for length in pair_lengths(dataset, run["encoder"])]
+    counted = [run["encoder"].sequence_lengths(row) for row in dataset]  # from each row, images decoded
+    assert dataset["length"] == [pair_tokens(length) for length in counted]
     sampler = trainer._get_train_sampler(dataset)
     assert isinstance(sampler, BatchRebalanceSampler)
     assert sorted(index for batch in sampler for index in batch) == list(range(len(dataset)))

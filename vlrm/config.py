@@ -78,6 +78,21 @@ class ModelDataArguments:
             "rejected, wrong type): `error` stops with the file, row and field; `skip` drops it and logs the count."
         },
     )
+    data_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where prepared data sets are cached (vlrm.prepare). None: $VLRM_CACHE_DIR/prepared, else "
+            "~/.cache/vlrm/prepared. On several nodes, a dir on a shared filesystem is prepared once in all; a "
+            "node-local one once per node."
+        },
+    )
+    dataset_num_proc: int | None = field(
+        default=None,
+        metadata={
+            "help": "Processes that prepare a data set (read, check and decode images, count tokens). None: one per "
+            "CPU core (at most 16) for sources of 2,000 rows or more, else 1."
+        },
+    )
 
     def _check_model_data_arguments(self) -> None:
         # Values from the YAML file reach argparse as defaults, which it never checks against `choices`.
@@ -114,13 +129,33 @@ class TrainConfig(ModelDataArguments, RewardConfig):
             "checkpoint, or a reward model saved by vlrm)."
         },
     )
-    dataset_path: str | None = field(
+    dataset_path: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Training preference pairs: a .json, .jsonl or .parquet file, a `datasets.save_to_disk` dir or a "
+            "Hugging Face Hub dataset id; or a list of them, mixed (see dataset_weights)."
+        },
+    )
+    dataset_weights: list[float] | None = field(
         default=None,
-        metadata={"help": "Training preference pairs: .json, .jsonl, .parquet or a `datasets.save_to_disk` dir."},
+        metadata={
+            "help": "One sampling ratio per dataset_path entry: 1.0 every row once, 2.0 twice, 0.25 a seeded quarter "
+            "(drawn before any image is decoded). None: every row once."
+        },
     )
-    eval_dataset_path: str | None = field(
-        default=None, metadata={"help": "Held-out preference pairs, evaluated every `eval_steps` when set."}
+    dataset_num_samples: list[int] | None = field(
+        default=None,
+        metadata={"help": "Instead of dataset_weights: pairs drawn from each dataset_path entry (seeded)."},
     )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Config name of a hub dataset (dataset_path / eval_dataset_path an id)."}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset used for training."})
+    eval_dataset_path: list[str] | None = field(
+        default=None,
+        metadata={"help": "Held-out preference pairs (same forms as dataset_path), evaluated every `eval_steps`."},
+    )
+    eval_dataset_split: str = field(default="test", metadata={"help": "Split of a hub eval dataset."})
     max_seq_length: int = field(
         default=4096,
         metadata={
@@ -129,7 +164,11 @@ class TrainConfig(ModelDataArguments, RewardConfig):
         },
     )
     max_train_samples: int | None = field(
-        default=None, metadata={"help": "Train on a fixed, seeded subset of this many pairs (None: all)."}
+        default=None,
+        metadata={
+            "help": "Train on a fixed, seeded subset of this many pairs (None: all), drawn before any image is "
+            "decoded; a mixture keeps its proportions."
+        },
     )
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluate on a fixed, seeded subset of this many pairs (None: all)."}
@@ -182,8 +221,11 @@ class TrainConfig(ModelDataArguments, RewardConfig):
         self._check_model_data_arguments()
         if not self.model_name_or_path:
             raise ConfigError("model_name_or_path is required (a model directory or hub id).")
+        self.dataset_path = _as_list(self.dataset_path)
+        self.eval_dataset_path = _as_list(self.eval_dataset_path) or None
         if not self.dataset_path:
             raise ConfigError("dataset_path is required (a .json, .jsonl, .parquet file or a save_to_disk dir).")
+        self._check_mixture()
         # A hub id is `org/name`; a path written as one (./x, ../x, /x, .cache/x) must exist, or loading would go to
         # the hub and fail with an unrelated message.
         if (
@@ -200,6 +242,26 @@ class TrainConfig(ModelDataArguments, RewardConfig):
             raise ConfigError(f"num_irrelevant_pairs must be at least 1, got {self.num_irrelevant_pairs}.")
         if self.irrelevant_loss_weight < 0:
             raise ConfigError(f"irrelevant_loss_weight must be >= 0, got {self.irrelevant_loss_weight}.")
+
+    def _check_mixture(self) -> None:
+        if self.dataset_weights is not None and self.dataset_num_samples is not None:
+            raise ConfigError("set dataset_weights or dataset_num_samples, not both.")
+        for name in ("dataset_weights", "dataset_num_samples"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if len(values) != len(self.dataset_path):
+                raise ConfigError(
+                    f"{name} has {len(values)} entries but dataset_path has {len(self.dataset_path)}: give one per source."
+                )
+            if any(value < 0 for value in values) or not any(values):
+                raise ConfigError(f"{name} must be >= 0 and not all 0, got {values}.")
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _read_config_file(path: str | Path) -> dict[str, Any]:

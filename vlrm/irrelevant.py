@@ -29,36 +29,40 @@ import datasets
 import numpy as np
 from transformers import TrainerCallback
 
+from vlrm.data import images_key
+
 ROW_INDEX = "row_index"
 
 
-def _image_key(image: dict) -> str:
-    if image.get("bytes") is not None:
-        return hashlib.sha1(image["bytes"]).hexdigest()
-    return str(image["path"])
-
-
-def prompt_keys(dataset: datasets.Dataset) -> list[tuple]:
-    """What makes two prompts the same for this purpose: their images, or their text when they have none."""
+def prompt_keys(dataset: datasets.Dataset) -> list[str]:
+    """What makes two prompts the same for this purpose (``vlrm.data.images_key``): their images, or their text when
+    they have none. Prepared sets carry it as a column; other sets are read once, images undecoded."""
+    if "images_key" in dataset.column_names:
+        return dataset["images_key"]
     undecoded = dataset.select_columns(["images", "prompt"]).cast_column(
         "images", datasets.List(datasets.Image(decode=False))
     )
-    keys = []
-    for row in undecoded:
-        images = tuple(_image_key(image) for image in row["images"])
-        keys.append(images if images else ("text", json.dumps(row["prompt"], sort_keys=True)))
-    return keys
+    return [images_key(row["prompt"], row["images"]) for row in undecoded]
+
+
+def _digest(text: str) -> int:
+    """A stable 64-bit hash: the sampler compares rows by these, so it holds a few integers per row, not texts."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 class IrrelevantPairSampler:
     def __init__(self, dataset: datasets.Dataset, num_pairs: int, seed: int, mode: str = "query"):
         self.num_pairs, self.seed, self.mode = num_pairs, seed, mode
-        self.keys = prompt_keys(dataset)
-        self.chosen = dataset["chosen"]
-        self.image_counts = [len(key) if key[:1] != ("text",) else 0 for key in self.keys]
-        self.same_question: dict[str, list[int]] = {}  # image mode: question -> rows asking it
+        self.keys = [_digest(key) for key in prompt_keys(dataset)]
+        self.chosen, self.image_counts, self.questions = [], [], []
+        # Read in batches of texts only (no image column), so memory stays a few integers per row.
+        for batch in dataset.select_columns(["chosen", "prompt"]).iter(batch_size=4096):
+            self.chosen += [_digest(chosen) for chosen in batch["chosen"]]
+            for prompt in batch["prompt"]:
+                self.image_counts.append(sum(part["type"] == "image" for turn in prompt for part in turn["content"]))
+                self.questions.append(_digest(json.dumps(prompt, sort_keys=True)))
+        self.same_question: dict[int, list[int]] = {}  # image mode: question -> rows asking it
         if mode == "image":
-            self.questions = [json.dumps(prompt, sort_keys=True) for prompt in dataset["prompt"]]
             for index, question in enumerate(self.questions):
                 self.same_question.setdefault(question, []).append(index)
 

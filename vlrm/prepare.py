@@ -1,0 +1,525 @@
+"""Preparing preference data once: canonical rows with their token lengths in a memory-mapped Arrow set on disk,
+cached under a key of everything that changes it, and reused by every later run and every rank.
+
+    python -m vlrm.prepare training_configs/7b_config.yaml        # prepare ahead (the same cache train_rm.py reads)
+
+    from vlrm.prepare import DataSettings, prepare_mixture
+    dataset, reports = prepare_mixture(["a.parquet", "b.jsonl"], DataSettings(max_seq_length=4096), encoder,
+                                       weights=[1.0, 2.0])
+
+One preparation of one source, in ``num_proc`` processes (``datasets.Dataset.from_generator``, one shard each):
+read the drawn rows (streamed, see ``vlrm.data.RawRows``), map each onto the canonical row, decode every image once
+to check it (it stays encoded, bytes or path: images are decoded again only in the collator, which may run in
+DataLoader workers), count its tokens (prompt with visual tokens, chosen, rejected), and leave out bad rows (an error
+naming file, row and field, or a counted skip) and pairs longer than ``max_seq_length`` (counted, never truncated).
+The rows are written in batches of ``WRITER_BATCH_ROWS``, so no process holds more than a few batches of images:
+memory does not grow with the data set.
+
+The cache. ``cache_dir/<source name>-<key>/`` holds the Arrow files and ``vlrm_prepared.json`` (the report). The key
+hashes the source's identity (each file's path, size, mtime and content hash; a hub dataset's fingerprint), the
+processor (tokenizer, chat template, image processor with its pixel limits), ``on_bad_sample``, ``max_seq_length``
+and the drawn rows (so the sample limits, weights and seed). Image files named by path are not part of it: after
+editing images in place, delete the cache dir. A build goes to a temporary dir renamed into place when complete,
+under a file lock: a crashed build leaves nothing that looks finished, and two processes (say, the first rank of two
+nodes over a shared cache dir) never build the same set at once; the second waits, then loads it.
+
+Drawing rows, before anything is decoded: a source contributes all its rows once (the default), or ``target`` rows
+drawn with the seed: fewer than it has, a seeded subset (topped up from the same seeded order when rows were left
+out); more, every row ``target // n`` times and a seeded subset once more. A mixture's per-source targets come from
+``weights`` (rows x weight) or ``num_samples``; ``max_samples`` scales the whole mixture down, keeping proportions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from filelock import FileLock
+
+from vlrm.data import CANONICAL_FEATURES, BadSampleError, RawRows, RowProblem, images_key, map_row, resolve_image
+
+logger = logging.getLogger(__name__)
+
+PREPARE_VERSION = 1  # bump when a prepared row changes meaning: every cache entry is rebuilt
+WRITER_BATCH_ROWS = 64  # rows buffered per Arrow write: bounds each worker's memory whatever the image sizes
+AUTO_PARALLEL_ROWS = 2000  # below this many rows, starting worker processes costs more than it saves
+MAX_REASONS = 20  # bad and over-long rows listed by name in a report (all are counted)
+REPORT_FILE = "vlrm_prepared.json"
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+# A prepared row: the canonical row plus where it came from, what the irrelevant-query sampler compares, and its
+# token lengths (null when prepared without a processor).
+PREPARED_FEATURES = datasets.Features(
+    {
+        **CANONICAL_FEATURES,
+        "source": datasets.Value("string"),
+        "images_key": datasets.Value("string"),
+        "prompt_length": datasets.Value("int32"),
+        "chosen_length": datasets.Value("int32"),
+        "rejected_length": datasets.Value("int32"),
+    }
+)
+LENGTH_COLUMNS = ("prompt_length", "chosen_length", "rejected_length")
+
+
+def peak_memory_gb() -> float:
+    """This process's peak resident memory: VmHWM where Linux has it (ru_maxrss carries a parent's peak over
+    across fork and exec), else ru_maxrss."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 2**20
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("VLRM_CACHE_DIR") or Path.home() / ".cache" / "vlrm") / "prepared"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How sources are prepared (the config keys of the same names; see ``vlrm.config``)."""
+
+    on_bad_sample: str = "error"
+    max_seq_length: int | None = None
+    seed: int = 0
+    num_proc: int | None = None
+    cache_dir: str | None = None
+    hub_config: str | None = None
+    hub_split: str = "train"
+
+
+@dataclass
+class SourceReport:
+    """What preparing one source kept and left out, for the log."""
+
+    source: str
+    rows_read: int = 0  # rows in the source
+    rows_drawn: int = 0  # rows drawn from it (repeats counted)
+    rows_kept: int = 0
+    num_skipped: int = 0
+    skipped: list[str] = field(default_factory=list)  # the first MAX_REASONS
+    num_overlong: int = 0
+    overlong: list[str] = field(default_factory=list)
+    max_seq_length: int | None = None
+    cache_hits: int = 0
+    builds: int = 0
+    cache_paths: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, other: SourceReport) -> None:
+        """Fold in the report of a top-up build of the same source."""
+        for name in ("rows_drawn", "rows_kept", "num_skipped", "num_overlong", "cache_hits", "builds", "seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.skipped = (self.skipped + other.skipped)[:MAX_REASONS]
+        self.overlong = (self.overlong + other.overlong)[:MAX_REASONS]
+        self.cache_paths += other.cache_paths
+
+    def summary(self) -> str:
+        drawn = f" ({self.rows_drawn} drawn)" if self.rows_drawn != self.rows_read else ""
+        text = f"{self.source}: {self.rows_kept} of {self.rows_read} pairs kept{drawn}"
+        if self.num_skipped:
+            text += f", {self.num_skipped} bad rows skipped (first: {'; '.join(self.skipped[:3])})"
+        if self.num_overlong:
+            text += (
+                f", dropped {self.num_overlong} pairs longer than max_seq_length={self.max_seq_length} "
+                f"(first: {', '.join(self.overlong[:3])})"
+            )
+        how = "loaded from the prepared cache" if not self.builds else "prepared"
+        return f"{text}; {how} in {self.seconds:.1f} s ({', '.join(self.cache_paths)})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def open_source(source: str | Path, settings: DataSettings) -> RawRows:
+    """A local file or dir; otherwise a Hugging Face Hub dataset id (``org/name``)."""
+    text = str(source)
+    path = Path(text).expanduser()
+    local = path.exists() or text.startswith((".", "/", "~")) or path.suffix.lower() in DATA_SUFFIXES
+    if local or not HUB_ID.fullmatch(text):
+        return RawRows.open(path)
+    try:
+        dataset = datasets.load_dataset(text, settings.hub_config, split=settings.hub_split)
+    except Exception as error:  # no network, no such dataset, gated: the hub client raises many types
+        raise ValueError(
+            f"`{text}` is not a local path, so it was read as a Hugging Face Hub dataset (config "
+            f"{settings.hub_config!r}, split {settings.hub_split!r}), and that failed: {type(error).__name__}: "
+            f"{error}. Without hub access, download it where there is (`hf download {text} --repo-type dataset "
+            "--local-dir DIR`) and set dataset_path to its .parquet/.jsonl files, or point at a local copy."
+        ) from error
+    return RawRows.from_dataset(f"{text}:{settings.hub_split}", dataset)
+
+
+def processor_identity(encoder: Any) -> str:
+    """A hash of what turns a row into tokens: tokenizer, chat template, end-of-turn token, image processor."""
+    tokenizer = encoder.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    parts = [
+        vocabulary,
+        encoder.processor.chat_template or "",
+        encoder.end_of_turn,
+        json.dumps(encoder.processor.image_processor.to_dict(), sort_keys=True, default=str),
+    ]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One row, in a preparation worker
+
+
+def prepared_row(raw: Any, index: int, rows: RawRows, encoder: Any) -> dict[str, Any]:
+    """The prepared row of raw row ``index``; raises ``RowProblem`` for a row that cannot be used."""
+    if isinstance(raw, RowProblem):
+        raise raw
+    if not isinstance(raw, dict):
+        raise RowProblem("row", f"expected an object, got {type(raw).__name__}")
+    row = map_row(raw)
+    resolved = [resolve_image(image, rows.base_dir) for image in row["images"]]
+    row["images"] = [image for image, _ in resolved]
+    row["id"] = str(raw["id"]) if raw.get("id") is not None else f"{rows.stem}-{index}"
+    row["source"] = rows.source
+    row["images_key"] = images_key(row["prompt"], row["images"])
+    lengths = (None, None, None)
+    if encoder is not None:
+        lengths = encoder.sequence_lengths(row, [size for _, size in resolved])
+    row.update(zip(LENGTH_COLUMNS, lengths, strict=True))
+    return row
+
+
+def _generate(shards: list, rows: RawRows, encoder: Any, on_bad_sample: str, max_seq_length: int | None, notes: str):
+    """The rows of ``shards`` (``(shard id, sorted row indices, repeats)``), each yielded ``repeats`` times. What was
+    left out goes to ``notes/<shard id>.json``: a worker has no other way to report to the main process (an exception
+    would reach it only as text). A bad row in ``error`` mode is noted, and a ``STOP`` file ends every worker early."""
+    stop = Path(notes) / "STOP"
+    for shard_id, indices, repeats in shards:
+        left_out = []
+        for (index, raw), repeat in zip(rows.read(indices), repeats.tolist(), strict=True):
+            if stop.exists():
+                break
+            try:
+                row = prepared_row(raw, index, rows, encoder)
+            except RowProblem as problem:
+                if on_bad_sample != "skip":
+                    left_out.append(["error", [rows.source, index, problem.field_name, problem.reason], repeat])
+                    stop.touch()
+                    break
+                left_out.append(["skipped", f"row {index} `{problem.field_name}`: {problem.reason}", repeat])
+                continue
+            if max_seq_length is not None and row["prompt_length"] is not None:
+                longest = row["prompt_length"] + max(row["chosen_length"], row["rejected_length"])
+                if longest > max_seq_length:
+                    left_out.append(["overlong", f"{row['id']} ({longest} tokens)", repeat])
+                    continue
+            for _ in range(repeat):
+                yield row
+        (Path(notes) / f"{shard_id:06d}.json").write_text(json.dumps(left_out))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building and loading one cache entry
+
+
+def _num_workers(requested: int | None, num_rows: int) -> int:
+    if requested is not None:
+        return max(1, min(requested, num_rows))
+    if num_rows < AUTO_PARALLEL_ROWS:
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)), 16))
+
+
+def _load(entry: Path) -> datasets.Dataset:
+    files = sorted(entry.rglob("*.arrow"))
+    if not files:
+        return datasets.Dataset.from_dict({name: [] for name in PREPARED_FEATURES}, features=PREPARED_FEATURES)
+    parts = [datasets.Dataset.from_file(str(file)) for file in files]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _build(entry: Path, rows: RawRows, indices: np.ndarray, repeats: np.ndarray, settings: DataSettings,
+           encoder: Any, key: str) -> dict[str, Any]:  # fmt: skip
+    """Prepare the drawn rows into ``entry`` (via a temporary dir); returns the report fields."""
+    tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
+    for stale in (tmp, entry):  # an earlier build of this pid, or an entry whose report was deleted
+        shutil.rmtree(stale, ignore_errors=True)
+    (tmp / "notes").mkdir(parents=True)
+    num_proc = _num_workers(settings.num_proc, len(indices))
+    bounds = np.linspace(0, len(indices), num_proc + 1).astype(int)
+    shards = [
+        (shard, indices[a:b], repeats[a:b]) for shard, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+    ]
+    try:
+        failure = None
+        try:
+            datasets.Dataset.from_generator(
+                _generate,
+                features=PREPARED_FEATURES,
+                cache_dir=str(tmp / "arrow"),
+                fingerprint=key,
+                num_proc=num_proc if num_proc > 1 else None,
+                writer_batch_size=WRITER_BATCH_ROWS,
+                gen_kwargs={
+                    "shards": shards,
+                    "rows": rows,
+                    "encoder": encoder,
+                    "on_bad_sample": settings.on_bad_sample,
+                    "max_seq_length": settings.max_seq_length,
+                    "notes": str(tmp / "notes"),
+                },
+            )  # the returned set maps files in tmp, which moves: it is loaded again from its final place
+        except (ValueError, datasets.exceptions.DatasetGenerationError) as error:
+            failure = error  # also raised when every row was left out ("corresponds to no data")
+        left_out = [note for file in sorted((tmp / "notes").glob("*.json")) for note in json.loads(file.read_text())]
+        errors = sorted((note[1] for note in left_out if note[0] == "error"), key=lambda place: place[1])
+        if errors:
+            raise BadSampleError(*errors[0])
+        skipped = [(text, repeat) for kind, text, repeat in left_out if kind == "skipped"]
+        overlong = [(text, repeat) for kind, text, repeat in left_out if kind == "overlong"]
+        report = {
+            "rows_drawn": int(repeats.sum()),
+            "num_skipped": len(skipped),
+            "skipped": [text for text, _ in skipped[:MAX_REASONS]],
+            "num_overlong": len(overlong),
+            "overlong": [text for text, _ in overlong[:MAX_REASONS]],
+        }
+        report["rows_kept"] = report["rows_drawn"] - sum(repeat for _, repeat in skipped + overlong)
+        if failure is not None and report["rows_kept"]:
+            raise failure
+        if failure is not None:
+            shutil.rmtree(tmp / "arrow", ignore_errors=True)  # an empty set: no Arrow files
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        os.replace(tmp, entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def prepare_rows(rows: RawRows, indices: np.ndarray, repeats: np.ndarray, settings: DataSettings,
+                 encoder: Any = None) -> tuple[datasets.Dataset, SourceReport]:  # fmt: skip
+    """The prepared set of the given rows of one source (each ``repeats`` times), from the cache or built now."""
+    started = time.perf_counter()
+    material = {
+        "version": PREPARE_VERSION,
+        "source": rows.identity(),
+        "processor": processor_identity(encoder) if encoder is not None else None,
+        "on_bad_sample": settings.on_bad_sample,
+        "max_seq_length": settings.max_seq_length,
+        "rows": hashlib.sha256(indices.astype(np.int64).tobytes() + repeats.astype(np.int64).tobytes()).hexdigest(),
+    }
+    key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
+    cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    entry = cache_dir / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', rows.stem)}-{key}"
+    report = SourceReport(rows.source, max_seq_length=settings.max_seq_length, cache_paths=[str(entry)])
+    with FileLock(str(entry) + ".lock"):
+        if (entry / REPORT_FILE).is_file():
+            fields = json.loads((entry / REPORT_FILE).read_text())
+            report.cache_hits = 1
+        else:
+            fields = _build(entry, rows, indices, repeats, settings, encoder, key)
+            report.builds = 1
+    for name, value in fields.items():
+        setattr(report, name, value)
+    dataset = _load(entry)
+    report.seconds = time.perf_counter() - started
+    return dataset, report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Drawing rows and mixing sources
+
+
+def mixture_targets(
+    num_rows: Sequence[int],
+    weights: Sequence[float] | None = None,
+    num_samples: Sequence[int] | None = None,
+    max_samples: int | None = None,
+) -> list[int | None]:
+    """Rows each source contributes (None: all, once): ``num_samples``, else rows x ``weights``; ``max_samples``
+    caps the total, scaling every source alike (largest remainders get the rounding)."""
+    for name, values in (("dataset_weights", weights), ("dataset_num_samples", num_samples)):
+        if values is not None and len(values) != len(num_rows):
+            raise ValueError(f"{name} has {len(values)} entries for {len(num_rows)} sources")
+    if num_samples is not None:
+        targets = [int(n) for n in num_samples]
+    elif weights is not None:
+        targets = [round(rows * weight) for rows, weight in zip(num_rows, weights, strict=True)]
+    else:
+        targets = list(num_rows)
+    total = sum(targets)
+    if max_samples is not None and max_samples < total:
+        shares = [max_samples * target / total for target in targets]
+        targets = [math.floor(share) for share in shares]
+        by_remainder = sorted(range(len(shares)), key=lambda i: targets[i] - shares[i])
+        for i in by_remainder[: max_samples - sum(targets)]:
+            targets[i] += 1
+    return [None if target == rows else target for target, rows in zip(targets, num_rows, strict=True)]
+
+
+def prepare_source(rows: RawRows, settings: DataSettings, encoder: Any = None, target: int | None = None,
+                   stream: int = 0) -> tuple[datasets.Dataset, SourceReport]:  # fmt: skip
+    """``target`` rows of one source (None: all, in file order), drawn with (seed, stream) before any decoding."""
+    num_rows = rows.num_rows
+    if target is None or target == num_rows:
+        everything = np.arange(num_rows)
+        dataset, report = prepare_rows(rows, everything, np.ones(num_rows, dtype=np.int64), settings, encoder)
+        report.rows_read = num_rows
+        return dataset, report
+    order = np.random.default_rng([settings.seed, stream]).permutation(num_rows)
+    if target > num_rows:  # upsampling: every row target // n times, a seeded subset once more
+        repeats = np.full(num_rows, target // num_rows, dtype=np.int64)
+        repeats[order[: target % num_rows]] += 1
+        dataset, report = prepare_rows(rows, np.arange(num_rows), repeats, settings, encoder)
+        report.rows_read = num_rows
+        return dataset, report
+    parts, report, start, end = [], None, 0, target
+    while True:  # a seeded subset, topped up from the same order for rows left out
+        chunk = np.sort(order[start:end])
+        part, part_report = prepare_rows(rows, chunk, np.ones(len(chunk), dtype=np.int64), settings, encoder)
+        parts.append(part)
+        if report is None:
+            report = part_report
+        else:
+            report.add(part_report)
+        missing = target - report.rows_kept
+        if missing <= 0 or end >= num_rows:
+            break
+        start, end = end, min(num_rows, end + math.ceil(missing * report.rows_drawn / max(report.rows_kept, 1)))
+    report.rows_read = num_rows
+    dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if len(dataset) > target:
+        dataset = dataset.select(range(target))  # contiguous: a slice, no index mapping
+        report.rows_kept = target
+    return dataset, report
+
+
+def prepare_mixture(
+    sources: str | Path | Sequence[str | Path],
+    settings: DataSettings,
+    encoder: Any = None,
+    weights: Sequence[float] | None = None,
+    num_samples: Sequence[int] | None = None,
+    max_samples: int | None = None,
+) -> tuple[datasets.Dataset, list[SourceReport]]:
+    """Prepare every source (cached) and concatenate them in order; each row's ``source`` names its file."""
+    sources = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    opened = [open_source(source, settings) for source in sources]
+    targets = mixture_targets([rows.num_rows for rows in opened], weights, num_samples, max_samples)
+    parts, reports = [], []
+    for stream, (rows, target) in enumerate(zip(opened, targets, strict=True)):
+        dataset, report = prepare_source(rows, settings, encoder, target, stream)
+        parts.append(dataset)
+        reports.append(report)
+    if not any(len(part) for part in parts):
+        raise ValueError(f"{', '.join(map(str, sources))}: no usable preference pairs ({reports[0].summary()})")
+    # Every part is one or more whole Arrow files, so the concatenation is memory-mapped too (no index mapping, and
+    # adding a column later copies nothing).
+    return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), reports
+
+
+def load_preference_dataset(
+    path: str | Path | Sequence[str | Path],
+    on_bad_sample: str = "error",
+    max_samples: int | None = None,
+    seed: int = 0,
+    encoder: Any = None,
+    max_seq_length: int | None = None,
+    cache_dir: str | None = None,
+    num_proc: int | None = None,
+) -> tuple[datasets.Dataset, SourceReport]:
+    """Prepared canonical rows of ``path`` (one source, or several concatenated) and the (first) source's report.
+    With an ``encoder``, rows carry their token lengths and ``max_seq_length`` drops longer pairs."""
+    settings = DataSettings(on_bad_sample, max_seq_length, seed, num_proc, cache_dir)
+    dataset, reports = prepare_mixture(path, settings, encoder, max_samples=max_samples)
+    return dataset, reports[0]
+
+
+def pair_lengths(dataset: datasets.Dataset) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) tokens of every prepared row, from its length columns."""
+    if any(name not in dataset.column_names for name in LENGTH_COLUMNS):
+        raise ValueError("the dataset has no token-length columns: prepare it with a processor (vlrm.prepare)")
+    columns = dataset.select_columns(list(LENGTH_COLUMNS)).to_dict()
+    return list(zip(*(columns[name] for name in LENGTH_COLUMNS), strict=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What train_rm.py and `python -m vlrm.prepare` share
+
+
+def data_settings(config: Any, hub_split: str | None = None) -> DataSettings:
+    return DataSettings(
+        on_bad_sample=config.on_bad_sample,
+        max_seq_length=config.max_seq_length,
+        seed=config.seed,
+        num_proc=config.dataset_num_proc,
+        cache_dir=config.data_cache_dir,
+        hub_config=config.dataset_config,
+        hub_split=hub_split or config.dataset_split,
+    )
+
+
+def prepare_training_data(config: Any, encoder: Any) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The training set (a mixture when ``dataset_path`` lists several) and the eval set, each logged per source."""
+
+    def prepare(paths, split, **mixing):
+        dataset, reports = prepare_mixture(paths, data_settings(config, split), encoder, **mixing)
+        for report in reports:
+            (logger.warning if report.num_overlong else logger.info)(report.summary())
+        if len(reports) > 1:
+            counts = ", ".join(f"{report.source}: {report.rows_kept}" for report in reports)
+            logger.info("mixture of %d sources, %d pairs (%s)", len(reports), len(dataset), counts)
+        return dataset
+
+    train = prepare(
+        config.dataset_path,
+        config.dataset_split,
+        weights=config.dataset_weights,
+        num_samples=config.dataset_num_samples,
+        max_samples=config.max_train_samples,
+    )
+    evaluation = None
+    if config.eval_dataset_path:
+        evaluation = prepare(config.eval_dataset_path, config.eval_dataset_split, max_samples=config.max_eval_samples)
+    return train, evaluation
+
+
+def main(argv: list[str]) -> int:
+    """``python -m vlrm.prepare CONFIG [--key value ...]``: prepare a training config's data into the cache."""
+    from transformers import AutoProcessor
+
+    from vlrm.batching import PreferenceEncoder
+    from vlrm.config import TrainConfig, load_config
+    from vlrm.scoring import apply_pixel_limits
+
+    parser = argparse.ArgumentParser(prog="python -m vlrm.prepare", description=main.__doc__)
+    parser.add_argument("config", help="a training config (YAML/JSON); any --key value after it overrides it")
+    arguments, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_config(TrainConfig, arguments.config, overrides)
+    processor = AutoProcessor.from_pretrained(config.model_name_or_path)
+    apply_pixel_limits(processor, config.min_pixels, config.max_pixels)
+    train, evaluation = prepare_training_data(config, PreferenceEncoder(processor))
+    logger.info("prepared %d training and %d eval pairs", len(train), 0 if evaluation is None else len(evaluation))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
