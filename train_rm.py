@@ -70,7 +70,7 @@ with config.main_process_first(desc="preparing data"):
     train_dataset, eval_dataset = prepare_training_data(config, encoder)
     data_seconds = time.perf_counter() - data_started
 logger.info(
-    "rank %d: data ready in %.1f s (%d training pairs), peak memory %.2f GB",
+    "rank %d: data ready in %.2f s (%d training pairs), peak memory %.2f GB",
     config.process_index, data_seconds, len(train_dataset), peak_memory_gb(),
 )  # fmt: skip
 if config.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
