@@ -26,10 +26,14 @@ output_file `evaluation_results.csv`:
 
 Ties (chosen == rejected) count as wrong, as RewardBench scores them, and are counted in num_ties.
 
+Pairs with a branch longer than max_seq_length (default 4096 tokens) are not scored, never truncated: they are
+counted (num_overlong), their first ids listed in the log and the JSON (overlong_ids), and the rest are scored.
+
 Crash-safe and resumable: after every checkpoint the results are rewritten atomically (temporary file, then rename),
 so a killed sweep loses only the checkpoint in progress. Running the same command again skips each (model_dir,
 checkpoint, dataset_path, max_eval_samples) already scored, unless its weights changed since (a re-run training
-overwrote it); `--force` re-evaluates all, and error rows are always retried. A checkpoint that cannot be loaded
+overwrote it) or a setting that changes its numbers differs (RESULT_SETTINGS: the log says which); `--force`
+re-evaluates all, and error rows are always retried. A checkpoint that cannot be loaded
 becomes a row with status `error` and the reason, and the sweep goes on; the exit code is then 1. Checkpoints are
 only read, never written.
 """
@@ -42,6 +46,7 @@ import os
 import re
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,28 +59,35 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
+from vlrm.batching import PreferenceEncoder
 from vlrm.checkpoints import CheckpointError, find_checkpoints, weights_mtime
 from vlrm.config import EvalConfig, config_to_dict, load_config
 from vlrm.irrelevant import RowsWithIrrelevantPrompts
 from vlrm.metrics import evaluate_pairs, irrelevant_metrics
 from vlrm.prepare import load_preference_dataset
-from vlrm.scoring import RewardScorer
+from vlrm.scoring import RewardScorer, apply_pixel_limits, load_processor
 
 logger = logging.getLogger("vlrm.eval")
 
-# What makes a result reusable by a later run. dtype, seed and pixel limits are not part of it (see EvalConfig).
+# What a result is of; a later run replaces it, or reuses it when the settings that change its numbers are equal
+# (packing and attn_implementation change them by round-off only: see EvalConfig).
 RESULT_KEY = ("model_dir", "checkpoint", "dataset_path", "max_eval_samples")
+RESULT_SETTINGS = (
+    "dtype", "seed", "min_pixels", "max_pixels", "num_irrelevant_pairs", "irrelevant_mode", "max_seq_length",
+    "on_bad_sample",
+)  # fmt: skip
 # CSV column order: these first, then per-category accuracies, then any other metric a row carries (so one added
 # later, such as the irrelevant-query metrics, reaches the CSV and the JSON with no change here), then bookkeeping.
 LEADING_COLUMNS = [
     "model", "checkpoint", "step", "status", "error", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "num_ties",
-    "margin_mean", "margin_std", "num_pairs", "reward_mean", "reward_std", "wall_time_s", "pairs_per_s",
-    "macro_accuracy",
+    "margin_mean", "margin_std", "num_pairs", "num_overlong", "reward_mean", "reward_std", "wall_time_s",
+    "pairs_per_s", "macro_accuracy",
 ]  # fmt: skip
 TRAILING_COLUMNS = [
-    "model_dir", "checkpoint_path", "dataset_path", "max_eval_samples", "dtype", "seed", "weights_mtime", "pairs_file",
-    "evaluated_at",
+    "model_dir", "checkpoint_path", "dataset_path", "max_eval_samples", *RESULT_SETTINGS, "weights_mtime",
+    "pairs_file", "evaluated_at",
 ]  # fmt: skip
+JSON_ONLY = ("overlong_ids",)  # lists: in the JSON, not the CSV
 TABLE_COLUMNS = [
     "model", "checkpoint", "step", "status", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "num_ties",
     "macro_accuracy", "margin_mean", "irrelevant_accuracy", "reward_mean", "reward_std", "num_pairs", "pairs_per_s",
@@ -121,7 +133,7 @@ def results_frame(rows: list[dict]) -> pd.DataFrame:
     """One flat row per result: ``per_category`` becomes ``accuracy/<category>`` columns."""
     flat = []
     for row in rows:
-        row = dict(row)
+        row = {key: value for key, value in row.items() if key not in JSON_ONLY}
         for category, values in (row.pop("per_category", None) or {}).items():
             row[f"accuracy/{category}"] = values["accuracy"]
         flat.append(row)
@@ -199,6 +211,18 @@ def run_logging(log_path: Path):
             transformers.utils.logging.enable_progress_bar()
 
 
+def length_encoder(checkpoints: list, config: EvalConfig) -> PreferenceEncoder | None:
+    """A processor to count tokens with: the first of these checkpoints' that loads, else the base model's."""
+    for checkpoint in checkpoints:
+        try:
+            processor = load_processor(checkpoint.path, config.base_model_path)
+        except (CheckpointError, OSError, ValueError):
+            continue
+        apply_pixel_limits(processor, config.min_pixels, config.max_pixels)
+        return PreferenceEncoder(processor)
+    return None
+
+
 def sweep(config: EvalConfig, config_path: str, log_path: Path) -> int:
     """The whole evaluation, top to bottom; returns the exit code (1 when a checkpoint of this sweep failed)."""
     # ------------------------------------------------------------------------------------------------------------
@@ -223,6 +247,7 @@ def sweep(config: EvalConfig, config_path: str, log_path: Path) -> int:
         raise FileNotFoundError(f"dataset_path not found: {config.dataset_path}")
     results = read_results(json_path)
     previous = {result_key(row): row for row in results if row["status"] == "ok"}
+    settings = {name: getattr(config, name) for name in RESULT_SETTINGS}
     sweep_keys, todo = [], []
     for model_dir in config.model_dirs:
         checkpoints = find_checkpoints(model_dir, config.checkpoint_pattern)
@@ -232,12 +257,17 @@ def sweep(config: EvalConfig, config_path: str, log_path: Path) -> int:
             key = (str(Path(model_dir).resolve()), checkpoint.name, dataset_path, config.max_eval_samples)
             sweep_keys.append(key)
             done = previous.get(key)
-            if done is not None and not config.force and done.get("weights_mtime") == weights_mtime(checkpoint.path):
-                continue
             if done is not None and not config.force:
-                logger.info(
-                    "%s/%s: weights changed since it was evaluated; evaluating again", model_dir, checkpoint.name
-                )
+                why = [
+                    f"{name} {done.get(name)!r} -> {value!r}"
+                    for name, value in settings.items()
+                    if done.get(name) != value
+                ]
+                if done.get("weights_mtime") != weights_mtime(checkpoint.path):
+                    why.insert(0, "weights changed since it was evaluated")
+                if not why:
+                    continue
+                logger.info("%s/%s: %s; evaluating again", model_dir, checkpoint.name, "; ".join(why))
             todo.append((model_dir, checkpoint))
     if not sweep_keys:
         logger.error("nothing to evaluate in %s", ", ".join(config.model_dirs))
@@ -251,15 +281,19 @@ def sweep(config: EvalConfig, config_path: str, log_path: Path) -> int:
     # Data (loaded only when something is left to score)
 
     if todo:
+        # Token lengths need a processor: the first checkpoint's that loads (the scorer re-checks every branch).
+        encoder = length_encoder([checkpoint for _, checkpoint in todo], config)
         dataset, report = load_preference_dataset(
             config.dataset_path,
             config.on_bad_sample,
             config.max_eval_samples,
             config.seed,
+            encoder=encoder,
+            max_seq_length=config.max_seq_length,
             cache_dir=config.data_cache_dir,
             num_proc=config.dataset_num_proc,
         )
-        logger.info(report.summary())
+        (logger.warning if report.num_overlong else logger.info)(report.summary())
         pair_ids, categories = list(dataset["id"]), list(dataset["category"])
         rows = dataset
         if config.num_irrelevant_pairs:
@@ -281,8 +315,7 @@ def sweep(config: EvalConfig, config_path: str, log_path: Path) -> int:
             "checkpoint_path": str(checkpoint.path),
             "dataset_path": dataset_path,
             "max_eval_samples": config.max_eval_samples,
-            "dtype": config.dtype,
-            "seed": config.seed,
+            **settings,
             "weights_mtime": weights_mtime(checkpoint.path),
         }
         started = time.perf_counter()
@@ -296,13 +329,24 @@ def sweep(config: EvalConfig, config_path: str, log_path: Path) -> int:
                 min_pixels=config.min_pixels,
                 max_pixels=config.max_pixels,
                 packing=config.packing,
+                max_seq_length=config.max_seq_length,
             )
             scoring_started = time.perf_counter()
             scores = scorer.score_pairs(rows, config.eval_batch_size, desc=checkpoint.name)
             scoring_time = time.perf_counter() - scoring_started
-            metrics = evaluate_pairs(scores.chosen, scores.rejected, categories, seed=config.seed)
+            scored = scores.scored
+            if not scored.any():
+                raise ValueError(f"every pair is longer than max_seq_length={config.max_seq_length}")
+            metrics = evaluate_pairs(
+                scores.chosen[scored], scores.rejected[scored], [c for c, s in zip(categories, scored, strict=True) if s],
+                seed=config.seed,
+            )  # fmt: skip
             if scores.irrelevant is not None:
-                metrics.update(irrelevant_metrics(scores.chosen, scores.irrelevant))
+                metrics.update(irrelevant_metrics(scores.chosen[scored], scores.irrelevant[scored]))
+            overlong_ids = report.overlong + [
+                f"{pair_ids[index]} ({tokens} tokens)" for index, tokens in scores.overlong
+            ]
+            metrics.update(num_overlong=report.num_overlong + len(scores.overlong), overlong_ids=overlong_ids[:20])
         except Exception as error:  # one bad checkpoint (corrupt file, NaN weights, OOM) must not end the sweep
             unexpected = not isinstance(error, CheckpointError)
             logger.error("%s/%s: %s", model_name, checkpoint.name, error, exc_info=unexpected)
@@ -367,7 +411,12 @@ def main(argv: list[str]) -> int:
     config = load_config(EvalConfig, argv[0], argv[1:])
     log_path = Path(config.log_dir) / f"eval_{time.strftime('%Y%m%d_%H%M%S')}.log"
     with run_logging(log_path):
-        return sweep(config, argv[0], log_path)
+        try:
+            return sweep(config, argv[0], log_path)
+        except Exception as error:  # the run's log says why it stopped, not only stderr
+            logger.error("the evaluation stopped: %s: %s", type(error).__name__, error)
+            logger.debug("traceback:\n%s", traceback.format_exc())
+            raise
 
 
 if __name__ == "__main__":

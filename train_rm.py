@@ -18,6 +18,7 @@ The run's log goes to logs/train_TIMESTAMP.log; checkpoints (weights + config + 
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -53,6 +54,16 @@ logging.basicConfig(
 transformers.utils.logging.set_verbosity_warning()
 transformers.utils.logging.disable_default_handler()
 transformers.utils.logging.enable_propagation()
+
+
+def log_error(kind, error, trace):
+    """An error that ends the run goes to the run's log too (the traceback at debug level), then to stderr."""
+    logger.error("the run stopped: %s: %s", kind.__name__, error)
+    logger.debug("traceback:\n%s", "".join(traceback.format_exception(kind, error, trace)))
+    sys.__excepthook__(kind, error, trace)
+
+
+sys.excepthook = log_error
 logger.info("config %s: %s", sys.argv[1], config_to_dict(config))
 set_seed(config.seed)
 

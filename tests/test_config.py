@@ -47,7 +47,7 @@ def test_invalid_choice_is_rejected(config_file):
 
 def test_invalid_choice_in_file_is_rejected(config_file):
     config_file.write_text(config_file.read_text() + "on_bad_sample: skipp\n")
-    with pytest.raises(ConfigError, match="on_bad_sample='skipp' is not one of: error, skip"):
+    with pytest.raises(ConfigError, match="config.yaml: `on_bad_sample` must be one of 'error', 'skip', got 'skipp'"):
         load_config(TrainConfig, config_file)
 
 

@@ -356,7 +356,9 @@ def test_eval_config_errors_name_the_field(tmp_path):
     assert load().checkpoint_pattern == "checkpoint-*" and load().output_file == "evaluation_results.csv"
     with pytest.raises(ConfigError, match="Did you mean `model_dirs`"):
         load(model_dir=["x"])
-    with pytest.raises(ConfigError, match="dtype='bf16' is not one of"):
+    with pytest.raises(
+        ConfigError, match="config.yaml: `dtype` must be one of 'auto', 'bfloat16', 'float16', 'float32', got 'bf16'"
+    ):
         load(dtype="bf16")
     with pytest.raises(ConfigError, match="dataset_path is required"):
         load(dataset_path=None)

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from vlrm.data import to_rgb
+
 
 def open_image_header(image: Any) -> Image.Image:
     """A lazily opened PIL image from a decoded image, a path or an undecoded ``{"bytes", "path"}`` dict."""
@@ -31,7 +33,8 @@ def open_image_header(image: Any) -> Image.Image:
 
 
 def open_image(image: Any) -> Image.Image:
-    return open_image_header(image).convert("RGB")
+    """The decoded RGB image the processor receives (``vlrm.data.to_rgb``: alpha on white, 16-bit scaled)."""
+    return to_rgb(open_image_header(image))
 
 
 @dataclass
@@ -89,7 +92,16 @@ class PreferenceEncoder:
             prompt, chosen, rejected = (len(encoding.ids) for encoding in backend.encode_batch(texts, False))
         else:
             prompt, chosen, rejected = map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"])
-        return prompt + sum(self.visual_tokens(image) - 1 for image in image_sizes or row["images"]), chosen, rejected
+        return prompt + self._visual_extra(image_sizes or row["images"]), chosen, rejected
+
+    def prompt_length(self, prompt: list[dict], images: list) -> int:
+        """Tokens of a rendered prompt, visual tokens included (images, or their (width, height) sizes)."""
+        text_ids = self.tokenizer(self.prompt_text(prompt), add_special_tokens=False)["input_ids"]
+        return len(text_ids) + self._visual_extra(images)
+
+    def _visual_extra(self, images: list) -> int:
+        # The rendered prompt holds one image token per image; the processor expands it to the image's tokens.
+        return sum(self.visual_tokens(image) - 1 for image in images)
 
 
 def branch_sequences(encoder: PreferenceEncoder, examples: list[dict]) -> list[tuple[EncodedPrompt, list[int]]]:

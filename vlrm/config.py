@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import importlib.util
 import json
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 from transformers import HfArgumentParser
@@ -283,6 +285,83 @@ def _unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
     return ConfigError(f"unknown config key `{key}` in {where}.{hint}")
 
 
+_NOT_ALLOWED = object()
+
+
+def _conform(value: Any, hint: Any) -> Any:
+    """``value`` as the declared type ``hint`` accepts it (an integral float becomes an int, a single value of a
+    list field a one-item list), or ``_NOT_ALLOWED``. bool is not a number, a fraction is not an int, a list is not a
+    scalar. Types this does not know (a class of transformers', say) are left to the dataclass."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        for option in sorted(args, key=lambda option: get_origin(option) is list):  # scalars first
+            conformed = _conform(value, option)
+            if conformed is not _NOT_ALLOWED:
+                return conformed
+        return _NOT_ALLOWED
+    if hint is type(None):
+        return value if value is None else _NOT_ALLOWED
+    if origin is Literal:
+        return value if value in args else _NOT_ALLOWED
+    if hint is bool:
+        return value if isinstance(value, bool) else _NOT_ALLOWED
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NOT_ALLOWED
+    if hint is float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _NOT_ALLOWED
+    if hint is str:
+        return value if isinstance(value, str) else _NOT_ALLOWED
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        conformed = [_conform(item, args[0]) if args else item for item in items]
+        return _NOT_ALLOWED if any(item is _NOT_ALLOWED for item in conformed) else conformed
+    if hint is dict or origin is dict:
+        return value if isinstance(value, dict) else _NOT_ALLOWED
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return value if isinstance(value, (str, hint)) else _NOT_ALLOWED
+    return value
+
+
+def _describe(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(option) for option in args))
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin is list:
+        return f"{_describe(args[0]) if args else 'a value'} or a list of them"
+    if hint is dict or origin is dict:
+        return "a mapping"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    if hint in names:
+        return names[hint]
+    return (
+        "a string" if isinstance(hint, type) and issubclass(hint, enum.Enum) else getattr(hint, "__name__", str(hint))
+    )
+
+
+def _check_file_values(config_class: type, values: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """Every file value against its key's declared type: argparse checks command-line values (and names the flag),
+    but the file's values reach the dataclass as defaults, unchecked."""
+    hints = get_type_hints(config_class)
+    checked = {}
+    for key, value in values.items():
+        conformed = _conform(value, hints[key])
+        if conformed is _NOT_ALLOWED:
+            hint = ""
+            if isinstance(value, bool) and _conform("no", hints[key]) is not _NOT_ALLOWED:
+                hint = " (YAML reads unquoted yes/no/on/off as true/false: quote the word, e.g. 'no')"
+            raise ConfigError(
+                f"{path}: `{key}` must be {_describe(hints[key])}, got {value!r} ({type(value).__name__}){hint}."
+            )
+        checked[key] = conformed
+    return checked
+
+
 def load_config(config_class: type[ConfigT], path: str | Path | None, overrides: list[str] | None = None) -> ConfigT:
     """Build ``config_class`` from a YAML/JSON file, then apply ``--key value`` overrides; validate both."""
     valid = sorted(f.name for f in dataclasses.fields(config_class) if f.init)
@@ -290,6 +369,7 @@ def load_config(config_class: type[ConfigT], path: str | Path | None, overrides:
     for key in file_values:
         if key not in valid:
             raise _unknown_key_error(key, valid, str(path))
+    file_values = _check_file_values(config_class, file_values, path)
     parser = HfArgumentParser(config_class)
     # The file's values become argparse defaults, so the command line wins and types are checked once.
     for action in parser._actions:
@@ -317,8 +397,10 @@ class EvalConfig(ModelDataArguments):
 
     Results go to `results_dir/output_file` (CSV), the same name with `.json` and `.png`, and per-pair scores to
     `results_dir/<output_file stem>_pairs/`. A (model_dir, checkpoint, dataset_path, max_eval_samples) already
-    in the results is skipped unless `force` or its weights changed since; dtype, seed and pixel limits are not part
-    of that key, so change `output_file` (or pass `--force`) when comparing those.
+    in the results is skipped unless `force`, its weights changed since, or a setting that changes its numbers
+    differs (dtype, seed, pixel limits, num_irrelevant_pairs, irrelevant_mode, max_seq_length, on_bad_sample: the
+    log says which). `packing` and `attn_implementation` change the numbers only by float round-off, so a result
+    is reused across them.
     """
 
     model_dirs: list[str] = field(
@@ -367,6 +449,14 @@ class EvalConfig(ModelDataArguments):
     irrelevant_mode: Literal["query", "image"] = field(
         default="query", metadata={"help": "`query`: swap the whole prompt; `image`: swap only the image(s)."}
     )
+    max_seq_length: int | None = field(
+        default=4096,
+        metadata={
+            "help": "Longest branch in tokens (prompt + response, visual tokens included; an irrelevant prompt + the "
+            "chosen response too). Longer pairs are not scored, never truncated: counted, their first ids listed in "
+            "the log and the JSON, and the rest scored. null: no limit."
+        },
+    )
     force: bool = field(default=False, metadata={"help": "Re-evaluate checkpoints already in the results."})
     log_dir: str = field(default="logs", metadata={"help": "Where `eval_TIMESTAMP.log` is written."})
     results_dir: str = field(default="evaluation_results", metadata={"help": "Where the results are written."})
@@ -381,6 +471,8 @@ class EvalConfig(ModelDataArguments):
             raise ConfigError("dataset_path is required (a .json, .jsonl, .parquet file or a save_to_disk dir).")
         if self.num_irrelevant_pairs < 0:
             raise ConfigError(f"num_irrelevant_pairs must be >= 0, got {self.num_irrelevant_pairs}.")
+        if self.max_seq_length is not None and self.max_seq_length <= 0:
+            raise ConfigError(f"max_seq_length must be positive (or null for no limit), got {self.max_seq_length}.")
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size must be at least 1, got {self.eval_batch_size}.")
         if self.max_eval_samples is not None and self.max_eval_samples < 1:

@@ -379,8 +379,11 @@ def map_row(raw: dict[str, Any]) -> dict[str, Any]:
         question = raw[question_key]
         if isinstance(question, str):
             prompt = _user_prompt(_text(question, question_key), len(images))
-        else:
+        elif isinstance(question, (list, tuple)) or hasattr(question, "tolist"):
             prompt = _normalise_messages(_as_list(question), question_key)
+        else:
+            kind = "null" if question is None else type(question).__name__
+            raise RowProblem(question_key, f"expected a question string or a list of messages, got {kind}")
     if chosen.strip() == rejected.strip():
         raise RowProblem("rejected", "identical to chosen: no preference to learn")
     num_image_parts = sum(part["type"] == "image" for message in prompt for part in message["content"])
@@ -412,6 +415,26 @@ def images_key(prompt: list[dict], images: list[dict]) -> str:
     return "text:" + hashlib.sha1(json.dumps(prompt, sort_keys=True).encode()).hexdigest()
 
 
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An RGB image as the model's image processor would make it: transparency composited on **white**, as
+    transformers' ``image_transforms.convert_to_rgb`` does (PIL's ``convert("RGB")`` drops alpha, which shows
+    transparent pixels black), and 16-bit or float greyscale scaled to 8 bits (``convert`` clips it: a 16-bit PNG
+    turns white)."""
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        pixels = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or pixels.max(initial=0) > 255:
+            top = 65535.0 if image.mode.startswith("I;16") or pixels.max() <= 65535 else pixels.max()
+            pixels = pixels * (255.0 / top)
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    if image.mode == "RGB":
+        return image
+    rgba = image.convert("RGBA")  # palette transparency and LA's alpha become RGBA's alpha
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
 def resolve_image(value: Any, base_dir: Path | None) -> tuple[dict[str, Any], tuple[int, int]]:
     """Check an image can be decoded; return it as ``{"bytes", "path"}`` for the Arrow Image feature, and its
     (width, height)."""
@@ -423,7 +446,7 @@ def resolve_image(value: Any, base_dir: Path | None) -> tuple[dict[str, Any], tu
         data, path = None, value
     elif isinstance(value, Image.Image):
         buffer = io.BytesIO()
-        value.convert("RGB").save(buffer, format="PNG")
+        to_rgb(value).save(buffer, format="PNG")
         data, path = buffer.getvalue(), None
     else:
         raise RowProblem("images", f"unsupported image value of type {type(value).__name__}")

@@ -195,7 +195,8 @@ def prepared_row(raw: Any, index: int, rows: RawRows, encoder: Any) -> dict[str,
     row = map_row(raw)
     resolved = [resolve_image(image, rows.base_dir) for image in row["images"]]
     row["images"] = [image for image, _ in resolved]
-    row["id"] = str(raw["id"]) if raw.get("id") is not None else f"{rows.stem}-{index}"
+    given_id = raw.get("id", raw.get("idx"))  # RLAIF-V names it idx
+    row["id"] = str(given_id) if given_id is not None else f"{rows.stem}-{index}"
     row["source"] = rows.source
     row["images_key"] = images_key(row["prompt"], row["images"])
     lengths = (None, None, None)

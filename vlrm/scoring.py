@@ -12,9 +12,10 @@ reward the trainer saw for that row. ``eval_rm.py`` only orchestrates this class
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +29,32 @@ from vlrm.checkpoints import CheckpointError, check_loadable
 from vlrm.data import _user_prompt
 from vlrm.model import VLRewardModel
 from vlrm.packing import enable_packed_attention
+from vlrm.prepare import LENGTH_COLUMNS
+
+logger = logging.getLogger(__name__)
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+DEFAULT_MAX_SEQ_LENGTH = 4096  # as training's default: a longer branch is not scored (never truncated)
 
 
 @dataclass
 class PairScores:
     """Rewards of the chosen and the rejected response of each pair, in row order (float32); ``irrelevant[i, j]``
-    is pair i's chosen response under its j-th irrelevant prompt, when the rows carried them (else None)."""
+    is pair i's chosen response under its j-th irrelevant prompt, when the rows carried them (else None).
+    ``overlong`` lists the rows with a branch longer than ``max_seq_length`` and its tokens: they are not scored
+    (NaN in every array)."""
 
     chosen: np.ndarray
     rejected: np.ndarray
     irrelevant: np.ndarray | None = None
+    overlong: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def scored(self) -> np.ndarray:
+        """Mask of the rows that were scored."""
+        return ~np.isnan(self.chosen)
 
 
 def apply_pixel_limits(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
@@ -65,17 +80,23 @@ def load_processor(checkpoint_dir: str | Path, base_model_path: str | Path | Non
     return AutoProcessor.from_pretrained(base_model_path)
 
 
-def _batches(rows: Sequence, batch_size: int):
-    for start in range(0, len(rows), batch_size):
-        yield [rows[index] for index in range(start, min(start + batch_size, len(rows)))]
+def _batches(indices: list[int], batch_size: int):
+    for start in range(0, len(indices), batch_size):
+        yield indices[start : start + batch_size]
 
 
 class RewardScorer:
     """Scores rows with a ``VLRewardModel`` in eval mode under ``torch.inference_mode()``; never writes."""
 
     def __init__(
-        self, model: VLRewardModel, processor: Any, device: str | torch.device | None = None, packing: bool = True
+        self,
+        model: VLRewardModel,
+        processor: Any,
+        device: str | torch.device | None = None,
+        packing: bool = True,
+        max_seq_length: int | None = DEFAULT_MAX_SEQ_LENGTH,
     ):
+        self.max_seq_length = max_seq_length
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         if packing:
@@ -95,9 +116,11 @@ class RewardScorer:
         max_pixels: int | None = None,
         device: str | torch.device | None = None,
         packing: bool = True,
+        max_seq_length: int | None = DEFAULT_MAX_SEQ_LENGTH,
     ) -> RewardScorer:
         """Load a checkpoint dir (config + weights, processor optional). ``dtype``: auto (as saved), bfloat16,
-        float16 or float32; ``device``: default cuda when visible, else cpu. Raises ``CheckpointError`` when the
+        float16 or float32; ``device``: default cuda when visible, else cpu; ``max_seq_length``: longer sequences
+        are not scored (None: no limit, at the risk of running out of memory). Raises ``CheckpointError`` when the
         dir cannot be loaded or lacks trained weights (a base VLM has no score head: its rewards would be random)."""
         check_loadable(checkpoint_dir)
         try:
@@ -118,7 +141,7 @@ class RewardScorer:
         processor = load_processor(checkpoint_dir, base_model_path)
         apply_pixel_limits(processor, min_pixels, max_pixels)
         device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model, processor, device, packing)
+        return cls(model, processor, device, packing, max_seq_length)
 
     def _forward(self, batch: dict[str, Any]) -> torch.Tensor:
         inputs = {}
@@ -131,50 +154,98 @@ class RewardScorer:
             inputs[key] = value
         return self.model(**inputs).rewards
 
+    def _longest_branch(self, row: dict) -> int:
+        """Tokens of a pair's longest branch: prompt + the longer response, or an irrelevant prompt + chosen."""
+        if all(row.get(name) is not None for name in LENGTH_COLUMNS):  # a prepared row carries its lengths
+            prompt, chosen, rejected = (row[name] for name in LENGTH_COLUMNS)
+        else:
+            prompt, chosen, rejected = self.encoder.sequence_lengths(row)
+        longest = prompt + max(chosen, rejected)
+        for other in row.get("irrelevant") or []:
+            longest = max(longest, self.encoder.prompt_length(other["prompt"], other["images"]) + chosen)
+        return longest
+
+    def _over_limit(self, lengths: Sequence[int]) -> list[bool]:
+        return [self.max_seq_length is not None and tokens > self.max_seq_length for tokens in lengths]
+
+    def _warn_overlong(self, overlong: list[tuple[int, int]], what: str) -> None:
+        if overlong:
+            first = ", ".join(f"{index} ({tokens} tokens)" for index, tokens in overlong[:5])
+            logger.warning(
+                "%d %s longer than max_seq_length=%d not scored (NaN), never truncated; first: %s", len(overlong),
+                what, self.max_seq_length, first,
+            )  # fmt: skip
+
     @torch.inference_mode()
     def score_pairs(
         self, rows: Sequence[dict], batch_size: int = 8, progress: bool = True, desc: str = "pairs"
     ) -> PairScores:
         """Score canonical rows (a ``datasets.Dataset`` or a sequence of dicts with prompt, images, chosen, rejected,
-        and optionally ``irrelevant`` prompts, see ``vlrm.irrelevant.RowsWithIrrelevantPrompts``)."""
+        and optionally ``irrelevant`` prompts, see ``vlrm.irrelevant.RowsWithIrrelevantPrompts``). A pair with a
+        branch longer than ``max_seq_length`` is not scored: NaN, and listed in ``overlong``."""
         if len(rows) == 0:
             raise ValueError("no pairs to score")
-        chosen, rejected, irrelevant = [], [], []
-        num_batches = math.ceil(len(rows) / batch_size)
-        for batch_rows in tqdm(
-            _batches(rows, batch_size), total=num_batches, desc=desc, unit="batch", disable=not progress, leave=False
-        ):
-            batch = self.collator(batch_rows)
+        chosen = np.full(len(rows), np.nan, dtype=np.float32)
+        rejected = chosen.copy()
+        irrelevant, overlong = None, []
+        for batch_indices in tqdm(
+            _batches(list(range(len(rows))), batch_size), total=math.ceil(len(rows) / batch_size), desc=desc,
+            unit="batch", disable=not progress, leave=False,
+        ):  # fmt: skip
+            examples = [rows[index] for index in batch_indices]  # each row read (and its images decoded) once
+            unlimited = self.max_seq_length is None
+            lengths = [0 if unlimited else self._longest_branch(example) for example in examples]
+            too_long = self._over_limit(lengths)
+            overlong += [
+                (index, tokens) for index, tokens, over in zip(batch_indices, lengths, too_long, strict=True) if over
+            ]
+            if any(too_long):
+                batch_indices = [index for index, over in zip(batch_indices, too_long, strict=True) if not over]
+                examples = [example for example, over in zip(examples, too_long, strict=True) if not over]
+                if not examples:
+                    continue
+            batch = self.collator(examples)
             num_pairs, num_irrelevant = batch.pop("num_pairs"), batch.pop("num_irrelevant")
             batch.pop("margin", None)
             chosen_rewards, rejected_rewards, irrelevant_rewards = split_rewards(
                 self._forward(batch), num_pairs, num_irrelevant
             )
-            chosen.append(chosen_rewards.cpu().numpy())
-            rejected.append(rejected_rewards.cpu().numpy())
-            irrelevant.append(irrelevant_rewards.cpu().numpy())
-        irrelevant = np.concatenate(irrelevant) if irrelevant[0].size else None
-        return PairScores(np.concatenate(chosen), np.concatenate(rejected), irrelevant)
+            chosen[batch_indices] = chosen_rewards.float().cpu().numpy()
+            rejected[batch_indices] = rejected_rewards.float().cpu().numpy()
+            if num_irrelevant:
+                if irrelevant is None:
+                    irrelevant = np.full((len(rows), num_irrelevant), np.nan, dtype=np.float32)
+                irrelevant[batch_indices] = irrelevant_rewards.float().cpu().numpy()
+        self._warn_overlong(overlong, "pairs")
+        return PairScores(chosen, rejected, irrelevant, overlong)
 
     @torch.inference_mode()
     def score(self, rows: Sequence[dict], batch_size: int = 8, progress: bool = False) -> np.ndarray:
         """Score single responses: each row has ``prompt`` (a question string or chat messages), ``images`` (paths,
-        PIL images or bytes; optional) and ``response``. Returns one float32 reward per row."""
+        PIL images or bytes; optional) and ``response``. Returns one float32 reward per row; a row longer than
+        ``max_seq_length`` is not scored (NaN, with a warning naming it)."""
         if len(rows) == 0:
             raise ValueError("no rows to score")
-        rewards = []
-        num_batches = math.ceil(len(rows) / batch_size)
-        for batch_rows in tqdm(
-            _batches(rows, batch_size), total=num_batches, desc="responses", disable=not progress, leave=False
-        ):
-            sequences = []
-            for row in batch_rows:
-                images = list(row.get("images") or [])
-                prompt = row["prompt"]
-                messages = _user_prompt(prompt, len(images)) if isinstance(prompt, str) else prompt
-                sequences.append(
-                    (self.encoder.encode_prompt(messages, images), self.encoder.encode_response(row["response"]))
-                )
-            batch = pad_branches(sequences, self.encoder.pad_token_id, self.encoder.image_token_id)
-            rewards.append(self._forward(batch).cpu().numpy())
-        return np.concatenate(rewards)
+        sequences = []
+        for row in rows:
+            images = list(row.get("images") or [])
+            prompt = row["prompt"]
+            messages = _user_prompt(prompt, len(images)) if isinstance(prompt, str) else prompt
+            sequences.append((messages, images, self.encoder.encode_response(row["response"])))
+        lengths = [self.encoder.prompt_length(messages, images) + len(ids) for messages, images, ids in sequences]
+        too_long = self._over_limit(lengths)
+        self._warn_overlong(
+            [(i, tokens) for i, (tokens, over) in enumerate(zip(lengths, too_long, strict=True)) if over], "rows"
+        )
+        kept = [index for index, over in enumerate(too_long) if not over]
+        rewards = np.full(len(rows), np.nan, dtype=np.float32)
+        for batch_indices in tqdm(
+            _batches(kept, batch_size), total=math.ceil(len(kept) / batch_size), desc="responses",
+            disable=not progress, leave=False,
+        ):  # fmt: skip
+            encoded = [
+                (self.encoder.encode_prompt(*sequences[index][:2]), sequences[index][2]) for index in batch_indices
+            ]
+            batch = pad_branches(encoded, self.encoder.pad_token_id, self.encoder.image_token_id)
+            rewards[batch_indices] = self._forward(batch).float().cpu().numpy()
+        return rewards
