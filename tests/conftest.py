@@ -1,5 +1,6 @@
 """Shared fixtures: one tiny offline Qwen2.5-VL and one small synthetic preference set per test session."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -19,6 +20,15 @@ def prepared_data_cache(tmp_path_factory):
     """Prepared data sets go to a fresh cache for the session (subprocesses inherit it), never to ~/.cache."""
     os.environ["VLRM_CACHE_DIR"] = str(tmp_path_factory.mktemp("vlrm_cache"))
     return Path(os.environ["VLRM_CACHE_DIR"]) / "prepared"
+
+
+@pytest.fixture(scope="session")
+def eval_rm():
+    """eval_rm.py as a module, so tests call its ``main`` in-process."""
+    spec = importlib.util.spec_from_file_location("eval_rm", Path(__file__).resolve().parents[1] / "eval_rm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

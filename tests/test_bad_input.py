@@ -1,7 +1,6 @@
 """Hostile input: over-long pairs in evaluation and scoring, config values of the wrong type, transparent and 16-bit
 images, errors in the run's log, result reuse across settings, null prompts and RLAIF-V ids."""
 
-import importlib.util
 import io
 import json
 import subprocess
@@ -23,14 +22,6 @@ from vlrm.prepare import load_preference_dataset
 from vlrm.scoring import RewardScorer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def eval_rm():
-    spec = importlib.util.spec_from_file_location("eval_rm", ROOT / "eval_rm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The checkpoint sweep (eval_rm.py, run in-process through its ``main``), RewardScorer and checkpoint discovery."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import runpy
@@ -23,14 +22,6 @@ from vlrm.prepare import load_preference_dataset
 from vlrm.scoring import RewardScorer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def eval_rm():
-    spec = importlib.util.spec_from_file_location("eval_rm", ROOT / "eval_rm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
