@@ -20,6 +20,8 @@ setup(
         "safetensors",
         "matplotlib",
         "tqdm",
+        "fastapi",
+        "uvicorn",
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "ruff", "deepspeed>=0.16", "hypothesis", "tensorboard"],

@@ -24,11 +24,14 @@ from vlrm.data import to_rgb
 
 
 def open_image_header(image: Any) -> Image.Image:
-    """A lazily opened PIL image from a decoded image, a path or an undecoded ``{"bytes", "path"}`` dict."""
+    """A lazily opened PIL image from a decoded image, a path, raw bytes or an undecoded ``{"bytes", "path"}``
+    dict."""
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, dict):
         image = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
+    elif isinstance(image, (bytes, bytearray)):
+        image = io.BytesIO(image)
     return Image.open(image)
 
 

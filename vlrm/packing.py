@@ -134,6 +134,8 @@ def image_key(image: Any) -> tuple:
         if image.get("bytes") is not None:
             return ("bytes", hashlib.sha1(image["bytes"]).hexdigest())
         return ("path", str(image["path"]))
+    if isinstance(image, (bytes, bytearray)):
+        return ("bytes", hashlib.sha1(image).hexdigest())
     return ("path", str(image))
 
 
@@ -141,33 +143,53 @@ def prompt_key(prompt: list[dict], images: list) -> tuple:
     return json.dumps(prompt, sort_keys=True, default=str), tuple(image_key(image) for image in images)
 
 
+class _Nodes:
+    """Prompt nodes and the branches under them: (reward position, response ids) per node."""
+
+    def __init__(self):
+        self.index: dict[tuple, int] = {}
+        self.prompts: list[tuple[list[dict], list, tuple]] = []
+        self.branches: list[list[tuple[int, list[int]]]] = []
+
+    def add(self, prompt: list[dict], images: list, position: int, response: list[int]) -> None:
+        key = prompt_key(prompt, images)
+        if key not in self.index:
+            self.index[key] = len(self.prompts)
+            self.prompts.append((prompt, images, key[1]))
+            self.branches.append([])
+        self.branches[self.index[key]].append((position, response))
+
+
 def pack_branches(encoder: PreferenceEncoder, examples: list[dict]) -> dict[str, Any]:
-    """The packed row of a micro-batch: input ids, deduplicated images, ``reward_index`` and the layout."""
+    """The packed row of a micro-batch of pairs: input ids, deduplicated images, ``reward_index`` and the layout."""
     num_pairs = len(examples)
     chosen = [encoder.encode_response(example["chosen"]) for example in examples]
-    rejected = [encoder.encode_response(example["rejected"]) for example in examples]
-
-    node_index: dict[tuple, int] = {}
-    node_prompts: list[tuple[list[dict], list, tuple]] = []
-    node_branches: list[list[tuple[int, list[int]]]] = []  # per node: (reward position, response ids)
-
-    def node_of(prompt: list[dict], images: list) -> int:
-        key = prompt_key(prompt, images)
-        if key not in node_index:
-            node_index[key] = len(node_prompts)
-            node_prompts.append((prompt, images, key[1]))
-            node_branches.append([])
-        return node_index[key]
-
+    nodes = _Nodes()
     for index, example in enumerate(examples):
-        node = node_of(example["prompt"], example["images"])
-        node_branches[node] += [(index, chosen[index]), (num_pairs + index, rejected[index])]
+        nodes.add(example["prompt"], example["images"], index, chosen[index])
+        nodes.add(
+            example["prompt"], example["images"], num_pairs + index, encoder.encode_response(example["rejected"])
+        )
     reward_position = 2 * num_pairs
     for index, example in enumerate(examples):
         for other in example.get("irrelevant", None) or []:
-            node_branches[node_of(other["prompt"], other["images"])].append((reward_position, chosen[index]))
+            nodes.add(other["prompt"], other["images"], reward_position, chosen[index])
             reward_position += 1
+    return _pack_nodes(encoder, nodes, reward_position)
 
+
+def pack_responses(encoder: PreferenceEncoder, rows: list[tuple[list[dict], list, list[int]]]) -> dict[str, Any]:
+    """The packed row of single responses ``(prompt messages, images, response ids)``, reward i for row i. Rows with
+    the same prompt and images (a GRPO group: several completions of one prompt) share one prompt node, so the prompt
+    and its images are computed once for the group."""
+    nodes = _Nodes()
+    for position, (prompt, images, response) in enumerate(rows):
+        nodes.add(prompt, images, position, response)
+    return _pack_nodes(encoder, nodes, len(rows))
+
+
+def _pack_nodes(encoder: PreferenceEncoder, nodes: _Nodes, num_rewards: int) -> dict[str, Any]:
+    node_prompts, node_branches, reward_position = nodes.prompts, nodes.branches, num_rewards
     input_ids: list[int] = []
     segments, prompt_spans, node_images, branch_spans = [], [], [], []
     reward_index = [0] * reward_position

@@ -28,7 +28,7 @@ from vlrm.batching import PreferenceEncoder, make_collator, pad_branches, split_
 from vlrm.checkpoints import CheckpointError, check_loadable
 from vlrm.data import _user_prompt
 from vlrm.model import VLRewardModel
-from vlrm.packing import enable_packed_attention
+from vlrm.packing import enable_packed_attention, pack_responses, prompt_key
 from vlrm.prepare import LENGTH_COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,10 @@ class RewardScorer:
             enable_packed_attention(self.model)
         self.processor = processor
         self.encoder = PreferenceEncoder(processor)
+        self.packing = packing
         self.collator = make_collator(self.encoder, packing)
+        self.reward_mean = getattr(model.config, "reward_mean", None)
+        self.reward_std = getattr(model.config, "reward_std", None)
 
     @classmethod
     def from_pretrained(
@@ -220,10 +223,14 @@ class RewardScorer:
         return PairScores(chosen, rejected, irrelevant, overlong)
 
     @torch.inference_mode()
-    def score(self, rows: Sequence[dict], batch_size: int = 8, progress: bool = False) -> np.ndarray:
+    def score(
+        self, rows: Sequence[dict], batch_size: int = 8, progress: bool = False, normalize: bool = False
+    ) -> np.ndarray:
         """Score single responses: each row has ``prompt`` (a question string or chat messages), ``images`` (paths,
-        PIL images or bytes; optional) and ``response``. Returns one float32 reward per row; a row longer than
-        ``max_seq_length`` is not scored (NaN, with a warning naming it)."""
+        PIL images or bytes; optional) and ``response``. Returns one float32 reward per row (``normalize``: as
+        ``normalized``); a row longer than ``max_seq_length`` is not scored (NaN, with a warning naming it). With the
+        packed layout, rows with the same prompt and images are scored in one micro-batch under one prompt node: the
+        prompt and its images are computed once for all its responses."""
         if len(rows) == 0:
             raise ValueError("no rows to score")
         sequences = []
@@ -238,14 +245,31 @@ class RewardScorer:
             [(i, tokens) for i, (tokens, over) in enumerate(zip(lengths, too_long, strict=True)) if over], "rows"
         )
         kept = [index for index, over in enumerate(too_long) if not over]
+        if self.packing:  # rows of one prompt side by side, so a group shares one prompt node in a micro-batch
+            first_seen: dict[tuple, int] = {}
+            keys = [first_seen.setdefault(prompt_key(*sequences[index][:2]), index) for index in kept]
+            kept = [index for _, index in sorted(zip(keys, kept, strict=True))]
         rewards = np.full(len(rows), np.nan, dtype=np.float32)
         for batch_indices in tqdm(
             _batches(kept, batch_size), total=math.ceil(len(kept) / batch_size), desc="responses",
             disable=not progress, leave=False,
         ):  # fmt: skip
-            encoded = [
-                (self.encoder.encode_prompt(*sequences[index][:2]), sequences[index][2]) for index in batch_indices
-            ]
-            batch = pad_branches(encoded, self.encoder.pad_token_id, self.encoder.image_token_id)
+            if self.packing:
+                batch = pack_responses(self.encoder, [sequences[index] for index in batch_indices])
+            else:
+                encoded = [
+                    (self.encoder.encode_prompt(*sequences[index][:2]), sequences[index][2]) for index in batch_indices
+                ]
+                batch = pad_branches(encoded, self.encoder.pad_token_id, self.encoder.image_token_id)
             rewards[batch_indices] = self._forward(batch).float().cpu().numpy()
-        return rewards
+        return self.normalized(rewards) if normalize else rewards
+
+    def normalized(self, rewards: np.ndarray) -> np.ndarray:
+        """``(r - mean) / std`` with the reward statistics recorded in the checkpoint's config at the end of training
+        (``reward_mean``, ``reward_std``: the final model on a seeded sample of its training set)."""
+        if self.reward_mean is None or not self.reward_std:
+            raise ValueError(
+                "this checkpoint's config records no reward_mean/reward_std (only the final model of a vlrm training "
+                "run has them): score without normalize, or take reward_mean/reward_std from eval_rm.py's results"
+            )
+        return ((rewards - self.reward_mean) / self.reward_std).astype(np.float32)
