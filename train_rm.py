@@ -21,6 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from transformers import AutoProcessor, set_seed
@@ -147,6 +148,18 @@ trainer = VLRewardTrainer(
     callbacks=callbacks,
 )
 trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+if config.reward_stats_samples:
+    # The final model's reward scale, saved in its config: RL code normalises with it (vlrm.rewards, serve_rm.py).
+    count = min(config.reward_stats_samples, len(train_dataset))
+    sample = np.random.default_rng(config.seed).choice(len(train_dataset), count, replace=False)
+    mean, std, responses = trainer.reward_statistics(
+        train_dataset.select(np.sort(sample)), make_collator(encoder, config.packing)
+    )
+    model.config.reward_mean, model.config.reward_std = mean, std
+    model.config.reward_stats_source = (
+        f"training set: {count} pairs ({responses} responses) drawn with seed {config.seed}"
+    )
+    logger.info("final model's rewards on %s: mean %.4f, std %.4f", model.config.reward_stats_source, mean, std)
 trainer.save_model(config.output_dir)
 trainer.save_state()  # trainer_state.json: the final model's step, for eval_rm.py
 logger.info("final model saved to %s", config.output_dir)

@@ -6,6 +6,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers.trainer_pt_utils import BatchRebalanceSampler
@@ -15,6 +16,7 @@ from vlrm.checkpoints import find_checkpoints
 from vlrm.model import VLRewardModel
 from vlrm.packing import pair_tokens
 from vlrm.prepare import load_preference_dataset
+from vlrm.scoring import RewardScorer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,3 +136,20 @@ def test_length_aware_sampling_reads_each_pair_s_tokens(tmp_path, tiny_model_dir
     assert trainer.state.global_step == 4 and all(
         math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry
     )
+
+
+def test_final_model_records_its_reward_statistics_on_the_training_set(trained, synthetic_dir):
+    tmp_path, _ = trained
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["reward_stats_source"] == "training set: 48 pairs (96 responses) drawn with seed 7"
+    scorer = RewardScorer.from_pretrained(tmp_path / "out")
+    pairs, _ = load_preference_dataset(synthetic_dir / "train.jsonl")
+    scores = scorer.score_pairs(pairs, batch_size=8, progress=False)
+    rewards = np.concatenate([scores.chosen, scores.rejected])
+    assert config["reward_mean"] == pytest.approx(rewards.mean(), abs=1e-5)
+    assert config["reward_std"] == pytest.approx(rewards.std(), rel=1e-4)
+    assert (scorer.reward_mean, scorer.reward_std) == (config["reward_mean"], config["reward_std"])
+    np.testing.assert_allclose(
+        scorer.normalized(rewards[:3]), (rewards[:3] - rewards.mean()) / rewards.std(), atol=1e-4
+    )
+    assert "reward_mean" not in json.loads((tmp_path / "out" / "checkpoint-4" / "config.json").read_text())

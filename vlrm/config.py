@@ -199,6 +199,13 @@ class TrainConfig(ModelDataArguments, RewardConfig):
             "question text, swap only the image(s)."
         },
     )
+    reward_stats_samples: int = field(
+        default=1000,
+        metadata={
+            "help": "Pairs of the training set (drawn with `seed`) on which the final model's reward mean and std "
+            "are measured and saved in its config (reward_mean, reward_std) for normalised rewards in RL; 0: skip."
+        },
+    )
     log_dir: str = field(default="logs", metadata={"help": "Where `train_TIMESTAMP.log` is written."})
 
     # Overridden parent defaults (listed in the class docstring).

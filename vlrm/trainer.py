@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from trl import RewardTrainer
 
@@ -109,6 +110,24 @@ class VLRewardTrainer(RewardTrainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    @torch.no_grad()
+    def reward_statistics(self, dataset: Any, collator: Any) -> tuple[float, float, int]:
+        """Mean and std of the model's rewards over every response (chosen and rejected) of ``dataset``, computed on
+        all ranks (the DataLoader is sharded, the rewards gathered), for normalising rewards in RL."""
+        loader = self.accelerator.prepare(
+            DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=collator)
+        )
+        was_training = self.model.training
+        self.model.eval()
+        rewards = []
+        for batch in loader:
+            batch = self._prepare_inputs(batch)
+            outputs = self.model(**{key: value for key, value in batch.items() if key not in PAIR_FIELDS})
+            rewards.append(self.accelerator.gather_for_metrics(outputs.rewards.float()))
+        self.model.train(was_training)
+        rewards = torch.cat(rewards)
+        return rewards.mean().item(), rewards.std(unbiased=False).item(), len(rewards)
 
     # transformers saves Qwen2.5-VL weights under their original (pre-4.52) names and converts them back only in
     # `from_pretrained`; the Trainer's own resume / best-model loading uses a non-strict `load_state_dict` on the

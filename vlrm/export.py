@@ -1,0 +1,108 @@
+"""Export a vlrm checkpoint for vLLM's pooling runner, as ``Qwen2_5_VLForSequenceClassification``.
+
+    python -m vlrm.export outputs/run exports/run-vllm
+    vllm serve exports/run-vllm --runner pooling          # then POST /pooling (or /classify), see the README
+
+A vlrm checkpoint already stores the weights under the names of a ``Qwen2_5_VLForConditionalGeneration`` checkpoint
+(``model.*`` for the language model, ``visual.*`` for the vision tower and merger) without ``lm_head``, plus a
+top-level ``score.weight`` of shape ``[1, hidden]``: what vLLM's sequence-classification adapter loads for a
+``*ForSequenceClassification`` architecture on the Qwen2.5-VL loader (last-token pooling, ``num_labels`` 1). The
+export writes those weights unchanged with a config that names that architecture, sets ``num_labels`` 1 and records
+how the reward is read, and copies the processor.
+
+The reward is the score at the ``<|im_end|>`` that closes the assistant turn. Qwen's chat template puts a newline
+after every ``<|im_end|>``: the text sent to vLLM must end at ``<|im_end|>`` (``reward_text`` renders it), or vLLM
+scores the newline instead. vLLM applies an activation to classification outputs by default; ask for raw scores
+(``use_activation: false`` in the request, ``PoolingParams(use_activation=False)`` offline) to get vlrm's rewards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from vlrm.checkpoints import check_loadable
+
+ARCHITECTURE = "Qwen2_5_VLForSequenceClassification"
+PROCESSOR_FILES = (
+    "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
+    "added_tokens.json", "video_preprocessor_config.json", "generation_config.json",
+)  # fmt: skip
+WEIGHT_PREFIXES = ("model.", "visual.", "score.")  # what vLLM's Qwen2.5-VL loader maps (and the adapter's score)
+
+
+def reward_text(processor: Any, prompt: list[dict] | str, response: str) -> str:
+    """The exact text whose last token carries the reward: the rendered prompt, the response, ``<|im_end|>`` and
+    nothing after it (images appear as the processor's image placeholders)."""
+    from vlrm.batching import PreferenceEncoder
+    from vlrm.data import _user_prompt
+
+    encoder = PreferenceEncoder(processor)
+    if isinstance(prompt, str):
+        prompt = _user_prompt(prompt, 0)
+    return encoder.prompt_text(prompt) + response + encoder.end_of_turn
+
+
+def weight_names(model_dir: Path) -> list[str]:
+    names = []
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(file, "pt") as weights:
+            names += list(weights.keys())
+    return names
+
+
+def export_for_vllm(checkpoint_dir: str | Path, output_dir: str | Path) -> Path:
+    """Write ``output_dir``: the checkpoint's weights (unchanged), a ``Qwen2_5_VLForSequenceClassification`` config
+    and the processor. Raises ``ValueError`` when the weights are not named as vLLM's loader expects."""
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    check_loadable(checkpoint_dir)
+    names = weight_names(checkpoint_dir)
+    unexpected = [name for name in names if not name.startswith(WEIGHT_PREFIXES)]
+    if "score.weight" not in names or unexpected:
+        raise ValueError(
+            f"{checkpoint_dir}: not a vlrm reward checkpoint in the Qwen2.5-VL layout (score.weight present: "
+            f"{'score.weight' in names}; other names: {unexpected[:5]})"
+        )
+    config = json.loads((checkpoint_dir / "config.json").read_text())
+    config.update(
+        architectures=[ARCHITECTURE],
+        num_labels=1,
+        id2label={"0": "reward"},
+        label2id={"reward": 0},
+        vlrm={
+            "reward_token": "<|im_end|>",
+            "note": "the text must end at the reward token: drop the chat template's newline after <|im_end|>",
+            "reward_mean": config.get("reward_mean"),
+            "reward_std": config.get("reward_std"),
+        },
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.json").write_text(json.dumps(config, indent=2))
+    for file in checkpoint_dir.iterdir():
+        if (
+            file.suffix == ".safetensors"
+            or file.name == "model.safetensors.index.json"
+            or file.name in PROCESSOR_FILES
+        ):
+            shutil.copy2(file, output_dir / file.name)
+    return output_dir
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlrm.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint_dir", help="a vlrm checkpoint (a checkpoint-* dir or a run's final model)")
+    parser.add_argument("output_dir", help="where the vLLM-servable copy goes")
+    arguments = parser.parse_args(argv)
+    print(f"exported for vLLM's pooling runner: {export_for_vllm(arguments.checkpoint_dir, arguments.output_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
