@@ -40,6 +40,7 @@ only read, never written.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +62,11 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from vlrm.batching import PreferenceEncoder
+from vlrm.benchmarks import REFERENCE_RESULTS
 from vlrm.checkpoints import CheckpointError, find_checkpoints, weights_mtime
 from vlrm.config import EvalConfig, config_to_dict, load_config
 from vlrm.irrelevant import RowsWithIrrelevantPrompts
-from vlrm.metrics import evaluate_pairs, irrelevant_metrics
+from vlrm.metrics import bias_diagnostics, evaluate_pairs, irrelevant_metrics
 from vlrm.prepare import load_preference_dataset
 from vlrm.scoring import RewardScorer, apply_pixel_limits, load_processor
 
@@ -74,24 +77,24 @@ logger = logging.getLogger("vlrm.eval")
 RESULT_KEY = ("model_dir", "checkpoint", "dataset_path", "max_eval_samples")
 RESULT_SETTINGS = (
     "dtype", "seed", "min_pixels", "max_pixels", "num_irrelevant_pairs", "irrelevant_mode", "max_seq_length",
-    "on_bad_sample",
+    "on_bad_sample", "benchmark",
 )  # fmt: skip
 # CSV column order: these first, then per-category accuracies, then any other metric a row carries (so one added
 # later, such as the irrelevant-query metrics, reaches the CSV and the JSON with no change here), then bookkeeping.
 LEADING_COLUMNS = [
-    "model", "checkpoint", "step", "status", "error", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "num_ties",
-    "margin_mean", "margin_std", "num_pairs", "num_overlong", "reward_mean", "reward_std", "wall_time_s",
-    "pairs_per_s", "macro_accuracy",
+    "model", "checkpoint", "step", "dataset", "dataset_benchmark", "status", "error", "accuracy", "accuracy_ci_low",
+    "accuracy_ci_high", "num_ties", "margin_mean", "margin_std", "num_pairs", "num_overlong", "acc_plus", "num_groups",
+    "reward_mean", "reward_std", "wall_time_s", "pairs_per_s", "macro_accuracy",
 ]  # fmt: skip
 TRAILING_COLUMNS = [
     "model_dir", "checkpoint_path", "dataset_path", "max_eval_samples", *RESULT_SETTINGS, "weights_mtime",
     "pairs_file", "evaluated_at",
 ]  # fmt: skip
-JSON_ONLY = ("overlong_ids",)  # lists: in the JSON, not the CSV
+JSON_ONLY = ("overlong_ids", "bias")  # lists: in the JSON, not the CSV
 TABLE_COLUMNS = [
-    "model", "checkpoint", "step", "status", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "num_ties",
-    "macro_accuracy", "margin_mean", "irrelevant_accuracy", "reward_mean", "reward_std", "num_pairs", "pairs_per_s",
-    "error",
+    "model", "checkpoint", "step", "dataset", "status", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "num_ties",
+    "macro_accuracy", "acc_plus", "margin_mean", "irrelevant_accuracy", "reward_mean", "reward_std", "num_pairs",
+    "pairs_per_s", "error",
 ]  # fmt: skip
 
 
@@ -159,29 +162,35 @@ def write_results(rows: list[dict], config: EvalConfig, csv_path: Path, json_pat
     write_atomically(csv_path, lambda tmp: results_frame(rows).to_csv(tmp, index=False))
 
 
-def write_plot(rows: list[dict], plot_path: Path, title: str) -> None:
-    """Accuracy against step per model, the bootstrap interval shaded; a final model whose step is unknown is a
-    dashed line across, so runs saved without checkpoints still show up."""
-    figure = Figure(figsize=(8, 5), layout="constrained")
+def write_plot(rows: list[dict], plot_path: Path, title: str) -> list[str]:
+    """Accuracy against step, one line per (model, dataset), the bootstrap interval shaded; a final model whose step
+    is unknown is a dashed line across, so runs saved without checkpoints still show up. Returns the line labels."""
+    figure = Figure(figsize=(9, 5.5), layout="constrained")
     axes = figure.subplots()
     ok_rows = [row for row in sort_rows(rows) if row["status"] == "ok"]
-    for index, model in enumerate(dict.fromkeys(row["model"] for row in ok_rows)):
+    series = dict.fromkeys((row["model"], row.get("dataset", "")) for row in ok_rows)
+    labels = []
+    for index, (model, dataset) in enumerate(series):
         color = f"C{index % 10}"
-        model_rows = [row for row in ok_rows if row["model"] == model]
-        stepped = [row for row in model_rows if row["step"] is not None]
+        label = f"{model} · {dataset}" if len({name for _, name in series}) > 1 else model
+        line_rows = [row for row in ok_rows if (row["model"], row.get("dataset", "")) == (model, dataset)]
+        stepped = [row for row in line_rows if row["step"] is not None]
         if stepped:
             steps = [row["step"] for row in stepped]
-            axes.plot(steps, [row["accuracy"] for row in stepped], marker="o", color=color, label=model)
+            axes.plot(steps, [row["accuracy"] for row in stepped], marker="o", color=color, label=label)
             low, high = [row["accuracy_ci_low"] for row in stepped], [row["accuracy_ci_high"] for row in stepped]
-            axes.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
-        for row in model_rows:
+            axes.fill_between(steps, low, high, color=color, alpha=0.15, linewidth=0)
+            labels.append(label)
+        for row in line_rows:
             if row["step"] is None:
-                axes.axhline(row["accuracy"], color=color, linestyle="--", label=f"{model} ({row['checkpoint']})")
+                axes.axhline(row["accuracy"], color=color, linestyle="--", label=f"{label} ({row['checkpoint']})")
+                labels.append(f"{label} ({row['checkpoint']})")
     axes.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="chance")
     axes.set(xlabel="step", ylabel="preference accuracy (ties count as wrong)", ylim=(-0.02, 1.02), title=title)
     axes.grid(alpha=0.3)
     axes.legend(loc="best", fontsize="small")
     write_atomically(plot_path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    return labels
 
 
 @contextmanager
@@ -223,166 +232,247 @@ def length_encoder(checkpoints: list, config: EvalConfig) -> PreferenceEncoder |
     return None
 
 
+@dataclass
+class EvalSet:
+    """One evaluation data set of a sweep, prepared (vlrm.prepare) and ready to score."""
+
+    name: str  # in tables, plots and per-pair file names
+    path: str  # resolved: part of the result key
+    dataset: Any
+    rows: Any  # the dataset, or its rows with fixed irrelevant prompts
+    report: Any
+    benchmark: str | None
+
+
+def dataset_entries(config: EvalConfig) -> list[tuple[str, str]]:
+    """(name, resolved path) of every dataset: ``name=path`` entries keep their name, others take the file's stem."""
+    entries = []
+    for entry in config.dataset_path:
+        name, _, path = entry.partition("=") if "=" in entry and not Path(entry).exists() else ("", "", entry)
+        if not Path(path).exists():
+            raise FileNotFoundError(f"dataset_path not found: {path}")
+        name = name or Path(path).stem
+        if any(name == other for other, _ in entries):
+            name = f"{name}-{len(entries)}"
+        entries.append((name, str(Path(path).resolve())))
+    return entries
+
+
+def plan(config: EvalConfig, entries: list[tuple[str, str]], results: list[dict]) -> tuple[list, dict]:
+    """The sweep's result keys, and per checkpoint to (re-)score, the dataset names it still needs."""
+    previous = {result_key(row): row for row in results if row["status"] == "ok"}
+    settings = {name: getattr(config, name) for name in RESULT_SETTINGS}
+    sweep_keys, todo = [], {}
+    for model_dir in config.model_dirs:
+        checkpoints = find_checkpoints(model_dir, config.checkpoint_pattern)
+        if not checkpoints:
+            logger.warning("%s: no dir matching %s and no final model", model_dir, config.checkpoint_pattern)
+        for checkpoint, (name, path) in itertools.product(checkpoints, entries):
+            key = (str(Path(model_dir).resolve()), checkpoint.name, path, config.max_eval_samples)
+            sweep_keys.append(key)
+            done = previous.get(key)
+            if done is not None and not config.force:
+                why = [f"{k} {done.get(k)!r} -> {v!r}" for k, v in settings.items() if done.get(k) != v]
+                if done.get("weights_mtime") != weights_mtime(checkpoint.path):
+                    why.insert(0, "weights changed since it was evaluated")
+                if not why:
+                    continue
+                logger.info("%s/%s on %s: %s; evaluating again", model_dir, checkpoint.name, name, "; ".join(why))
+            todo.setdefault((model_dir, checkpoint), []).append(name)
+    return sweep_keys, todo
+
+
+def load_eval_set(config: EvalConfig, name: str, path: str, encoder: PreferenceEncoder | None) -> EvalSet:
+    dataset, report = load_preference_dataset(
+        path,
+        config.on_bad_sample,
+        config.max_eval_samples,
+        config.seed,
+        encoder=encoder,
+        max_seq_length=config.max_seq_length,
+        cache_dir=config.data_cache_dir,
+        num_proc=config.dataset_num_proc,
+        benchmark=None if config.benchmark == "auto" else config.benchmark,
+    )
+    (logger.warning if report.num_overlong or report.num_unsupported else logger.info)(report.summary())
+    rows = dataset
+    if config.num_irrelevant_pairs:
+        rows = RowsWithIrrelevantPrompts(
+            dataset, config.num_irrelevant_pairs, config.seed, config.irrelevant_mode, config.eval_batch_size
+        )
+    benchmark = next((kind for kind in dataset["benchmark"] if kind is not None), None)
+    return EvalSet(name, path, dataset, rows, report, benchmark)
+
+
+def score_eval_set(scorer: RewardScorer, eval_set: EvalSet, config: EvalConfig, desc: str) -> tuple[dict, Any]:
+    """Every metric of one checkpoint on one dataset, and the per-pair scores (unscored over-long pairs are NaN)."""
+    started = time.perf_counter()
+    scores = scorer.score_pairs(eval_set.rows, config.eval_batch_size, desc=desc)
+    seconds = time.perf_counter() - started
+    scored = scores.scored
+    if not scored.any():
+        raise ValueError(f"every pair of {eval_set.name} is longer than max_seq_length={config.max_seq_length}")
+    columns = eval_set.dataset.select_columns(
+        ["id", "category", "group", "preferred_position", "chosen_length", "rejected_length"]
+    ).to_dict()
+    kept = {
+        name: [value for value, keep in zip(values, scored, strict=True) if keep] for name, values in columns.items()
+    }
+    chosen, rejected = scores.chosen[scored], scores.rejected[scored]
+    metrics = evaluate_pairs(chosen, rejected, kept["category"], seed=config.seed, groups=kept["group"])
+    if scores.irrelevant is not None:
+        metrics.update(irrelevant_metrics(chosen, scores.irrelevant[scored]))
+    metrics["bias"] = bias_diagnostics(
+        chosen, rejected, kept["chosen_length"], kept["rejected_length"], kept["preferred_position"]
+    )
+    overlong = eval_set.report.overlong + [f"{columns['id'][i]} ({tokens} tokens)" for i, tokens in scores.overlong]
+    metrics.update(
+        num_overlong=eval_set.report.num_overlong + len(scores.overlong),
+        overlong_ids=overlong[:20],
+        pairs_per_s=metrics["num_pairs"] / seconds,
+    )
+    pair_scores = pd.DataFrame(
+        {"id": columns["id"], "category": columns["category"], "chosen_score": scores.chosen,
+         "rejected_score": scores.rejected}
+    )  # fmt: skip
+    return metrics, pair_scores
+
+
+def evaluate_checkpoint(config: EvalConfig, model_dir: str, checkpoint: Any, eval_sets: list[EvalSet],
+                        pairs_dir: Path) -> list[dict]:  # fmt: skip
+    """Load one checkpoint once and score it on each of ``eval_sets``: one result row per dataset. A checkpoint that
+    cannot be loaded, or a dataset it cannot score, becomes an error row; the sweep goes on."""
+    model_name = Path(model_dir).as_posix()
+    base = {
+        "model": model_name, "checkpoint": checkpoint.name, "step": checkpoint.step,
+        "model_dir": str(Path(model_dir).resolve()), "checkpoint_path": str(checkpoint.path),
+        "max_eval_samples": config.max_eval_samples, **{name: getattr(config, name) for name in RESULT_SETTINGS},
+        "weights_mtime": weights_mtime(checkpoint.path),
+    }  # fmt: skip
+    started, rows, scorer = time.perf_counter(), [], None
+    try:
+        scorer = RewardScorer.from_pretrained(
+            checkpoint.path, base_model_path=config.base_model_path, dtype=config.dtype,
+            attn_implementation=config.attn_implementation, min_pixels=config.min_pixels,
+            max_pixels=config.max_pixels, packing=config.packing, max_seq_length=config.max_seq_length,
+        )  # fmt: skip
+    except Exception as error:  # a corrupt or incomplete checkpoint must not end the sweep
+        logger.error("%s/%s: %s", model_name, checkpoint.name, error, exc_info=not isinstance(error, CheckpointError))
+        failure = {"status": "error", "error": f"{type(error).__name__}: {error}"}
+        return [
+            base | failure | {"dataset": e.name, "dataset_path": e.path, "dataset_benchmark": e.benchmark}
+            for e in eval_sets
+        ]
+    for eval_set in eval_sets:
+        row = base | {"dataset": eval_set.name, "dataset_path": eval_set.path, "dataset_benchmark": eval_set.benchmark}
+        try:
+            metrics, pair_scores = score_eval_set(scorer, eval_set, config, f"{checkpoint.name} {eval_set.name}")
+        except Exception as error:  # NaN weights, OOM: this dataset's row says so
+            logger.error("%s/%s on %s: %s", model_name, checkpoint.name, eval_set.name, error, exc_info=True)
+            row.update(status="error", error=f"{type(error).__name__}: {error}")
+        else:
+            safe_model = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_")
+            tag = eval_set.name + (f"-n{config.max_eval_samples}" if config.max_eval_samples else "")
+            pairs_file = pairs_dir / f"{safe_model}__{checkpoint.name}__{tag}.csv"
+            write_atomically(pairs_file, lambda tmp, frame=pair_scores: frame.to_csv(tmp, index=False))
+            row.update(status="ok", error=None, pairs_file=str(pairs_file), **metrics)
+            logger.info(
+                "%s/%s on %s: accuracy %.4f [%.4f, %.4f], %d ties, macro %s, acc+ %s, %d pairs at %.1f pairs/s",
+                model_name, checkpoint.name, eval_set.name, metrics["accuracy"], metrics["accuracy_ci_low"],
+                metrics["accuracy_ci_high"], metrics["num_ties"], _number(metrics["macro_accuracy"]),
+                _number(metrics["acc_plus"]), metrics["num_pairs"], metrics["pairs_per_s"],
+            )  # fmt: skip
+        rows.append(row)
+    del scorer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    for row in rows:
+        row.update(wall_time_s=time.perf_counter() - started, evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return rows
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def summary_table(rows: list[dict]) -> pd.DataFrame:
+    """One row per checkpoint, one accuracy column per dataset (and its macro / Acc+ where the dataset has them)."""
+    frame = pd.DataFrame(
+        [
+            {"model": row["model"], "checkpoint": row["checkpoint"], "step": row["step"], "dataset": row["dataset"],
+             "accuracy": row.get("accuracy"), "macro": row.get("macro_accuracy"), "acc+": row.get("acc_plus")}
+            for row in rows
+        ]
+    )  # fmt: skip
+    wide = frame.pivot_table(
+        index=["model", "checkpoint", "step"], columns="dataset", values=["accuracy", "macro", "acc+"],
+        aggfunc="first", sort=False,
+    )  # fmt: skip
+    wide = wide.dropna(axis=1, how="all")
+    wide.columns = [name if metric == "accuracy" else f"{name} {metric}" for metric, name in wide.columns]
+    return wide.reset_index()  # rows in the order of ``rows`` (pivot_table keeps it with sort=False)
+
+
+def reference_lines(rows: list[dict], eval_sets: list[EvalSet]) -> list[str]:
+    """Published numbers next to our best checkpoint, for every dataset recognised as a benchmark."""
+    lines = []
+    for eval_set in eval_sets:
+        references = REFERENCE_RESULTS.get(eval_set.benchmark or "", [])
+        ours = [row for row in rows if row["dataset"] == eval_set.name and row["status"] == "ok"]
+        if not references or not ours:
+            continue
+        best = max(ours, key=lambda row: row["accuracy"])
+        macro = "" if best.get("macro_accuracy") is None else f", macro {100 * best['macro_accuracy']:.1f}"
+        lines.append(f"{eval_set.name} ({eval_set.benchmark}), published results (percent):")
+        lines += [
+            f"  {ref['model']:<24} overall {ref['overall'] if ref['overall'] is not None else 'n/a':>5}  "
+            f"macro {ref['macro'] if ref['macro'] is not None else 'n/a':>5}  ({ref['source']})"
+            for ref in references
+        ]
+        lines.append(
+            f"  {'ours: ' + best['model'] + '/' + best['checkpoint']:<24} overall {100 * best['accuracy']:.1f}{macro}"
+        )
+    return lines
+
+
 def sweep(config: EvalConfig, config_path: str, log_path: Path) -> int:
     """The whole evaluation, top to bottom; returns the exit code (1 when a checkpoint of this sweep failed)."""
-    # ------------------------------------------------------------------------------------------------------------
-    # Config and outputs
-
     logger.info("config %s: %s", config_path, config_to_dict(config))
     logger.info(
         "device: %s (CUDA_VISIBLE_DEVICES=%s)",
         torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
     )
-
     csv_path = Path(config.results_dir) / config.output_file
     json_path, plot_path = csv_path.with_suffix(".json"), csv_path.with_suffix(".png")
     pairs_dir = csv_path.with_name(f"{csv_path.stem}_pairs")
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Checkpoints, minus those already in the results
-
-    dataset_path = str(Path(config.dataset_path).resolve())
-    if not Path(dataset_path).exists():
-        raise FileNotFoundError(f"dataset_path not found: {config.dataset_path}")
+    # Plan: every (checkpoint, dataset) of the sweep, minus what the results already hold.
+    entries = dataset_entries(config)
     results = read_results(json_path)
-    previous = {result_key(row): row for row in results if row["status"] == "ok"}
-    settings = {name: getattr(config, name) for name in RESULT_SETTINGS}
-    sweep_keys, todo = [], []
-    for model_dir in config.model_dirs:
-        checkpoints = find_checkpoints(model_dir, config.checkpoint_pattern)
-        if not checkpoints:
-            logger.warning("%s: no dir matching %s and no final model", model_dir, config.checkpoint_pattern)
-        for checkpoint in checkpoints:
-            key = (str(Path(model_dir).resolve()), checkpoint.name, dataset_path, config.max_eval_samples)
-            sweep_keys.append(key)
-            done = previous.get(key)
-            if done is not None and not config.force:
-                why = [
-                    f"{name} {done.get(name)!r} -> {value!r}"
-                    for name, value in settings.items()
-                    if done.get(name) != value
-                ]
-                if done.get("weights_mtime") != weights_mtime(checkpoint.path):
-                    why.insert(0, "weights changed since it was evaluated")
-                if not why:
-                    continue
-                logger.info("%s/%s: %s; evaluating again", model_dir, checkpoint.name, "; ".join(why))
-            todo.append((model_dir, checkpoint))
+    sweep_keys, todo = plan(config, entries, results)
     if not sweep_keys:
         logger.error("nothing to evaluate in %s", ", ".join(config.model_dirs))
         return 1
     logger.info(
-        "%d checkpoints in %d model dirs: %d to evaluate, %d already in %s",
-        len(sweep_keys), len(config.model_dirs), len(todo), len(sweep_keys) - len(todo), json_path,
+        "%d checkpoints x %d datasets in %d model dirs: %d to evaluate, %d already in %s",
+        len(sweep_keys) // len(entries), len(entries), len(config.model_dirs), sum(map(len, todo.values())),
+        len(sweep_keys) - sum(map(len, todo.values())), json_path,
     )  # fmt: skip
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Data (loaded only when something is left to score)
+    # Data: each needed dataset prepared once (token lengths with the first loadable checkpoint's processor).
+    needed = {name for names in todo.values() for name in names}
+    encoder = length_encoder([checkpoint for _, checkpoint in todo], config) if todo else None
+    eval_sets = {name: load_eval_set(config, name, path, encoder) for name, path in entries if name in needed}
 
-    if todo:
-        # Token lengths need a processor: the first checkpoint's that loads (the scorer re-checks every branch).
-        encoder = length_encoder([checkpoint for _, checkpoint in todo], config)
-        dataset, report = load_preference_dataset(
-            config.dataset_path,
-            config.on_bad_sample,
-            config.max_eval_samples,
-            config.seed,
-            encoder=encoder,
-            max_seq_length=config.max_seq_length,
-            cache_dir=config.data_cache_dir,
-            num_proc=config.dataset_num_proc,
-        )
-        (logger.warning if report.num_overlong else logger.info)(report.summary())
-        pair_ids, categories = list(dataset["id"]), list(dataset["category"])
-        rows = dataset
-        if config.num_irrelevant_pairs:
-            rows = RowsWithIrrelevantPrompts(
-                dataset, config.num_irrelevant_pairs, config.seed, config.irrelevant_mode, config.eval_batch_size
-            )
-        dataset_tag = Path(dataset_path).stem + (f"-n{config.max_eval_samples}" if config.max_eval_samples else "")
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Sweep: load, score, compute metrics; write every output after every checkpoint
-
-    for model_dir, checkpoint in tqdm(todo, desc="checkpoints", unit="ckpt", disable=not todo):
-        model_name = Path(model_dir).as_posix()
-        row: dict[str, Any] = {
-            "model": model_name,
-            "checkpoint": checkpoint.name,
-            "step": checkpoint.step,
-            "model_dir": str(Path(model_dir).resolve()),
-            "checkpoint_path": str(checkpoint.path),
-            "dataset_path": dataset_path,
-            "max_eval_samples": config.max_eval_samples,
-            **settings,
-            "weights_mtime": weights_mtime(checkpoint.path),
-        }
-        started = time.perf_counter()
-        scorer = None
-        try:
-            scorer = RewardScorer.from_pretrained(
-                checkpoint.path,
-                base_model_path=config.base_model_path,
-                dtype=config.dtype,
-                attn_implementation=config.attn_implementation,
-                min_pixels=config.min_pixels,
-                max_pixels=config.max_pixels,
-                packing=config.packing,
-                max_seq_length=config.max_seq_length,
-            )
-            scoring_started = time.perf_counter()
-            scores = scorer.score_pairs(rows, config.eval_batch_size, desc=checkpoint.name)
-            scoring_time = time.perf_counter() - scoring_started
-            scored = scores.scored
-            if not scored.any():
-                raise ValueError(f"every pair is longer than max_seq_length={config.max_seq_length}")
-            metrics = evaluate_pairs(
-                scores.chosen[scored], scores.rejected[scored], [c for c, s in zip(categories, scored, strict=True) if s],
-                seed=config.seed,
-            )  # fmt: skip
-            if scores.irrelevant is not None:
-                metrics.update(irrelevant_metrics(scores.chosen[scored], scores.irrelevant[scored]))
-            overlong_ids = report.overlong + [
-                f"{pair_ids[index]} ({tokens} tokens)" for index, tokens in scores.overlong
-            ]
-            metrics.update(num_overlong=report.num_overlong + len(scores.overlong), overlong_ids=overlong_ids[:20])
-        except Exception as error:  # one bad checkpoint (corrupt file, NaN weights, OOM) must not end the sweep
-            unexpected = not isinstance(error, CheckpointError)
-            logger.error("%s/%s: %s", model_name, checkpoint.name, error, exc_info=unexpected)
-            row.update(status="error", error=f"{type(error).__name__}: {error}")
-        else:
-            safe_model = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_")
-            pairs_file = pairs_dir / f"{safe_model}__{checkpoint.name}__{dataset_tag}.csv"
-            pair_scores = pd.DataFrame(
-                {
-                    "id": pair_ids,
-                    "category": categories,
-                    "chosen_score": scores.chosen,
-                    "rejected_score": scores.rejected,
-                }
-            )
-            write_atomically(pairs_file, lambda tmp, frame=pair_scores: frame.to_csv(tmp, index=False))
-            row.update(status="ok", error=None, **metrics)
-            row.update(pairs_per_s=metrics["num_pairs"] / scoring_time, pairs_file=str(pairs_file))
-            logger.info(
-                "%s/%s: accuracy %.4f [%.4f, %.4f], %d ties, margin %.4f, macro %s, %d pairs at %.1f pairs/s",
-                model_name, checkpoint.name, metrics["accuracy"], metrics["accuracy_ci_low"],
-                metrics["accuracy_ci_high"], metrics["num_ties"], metrics["margin_mean"],
-                "n/a" if metrics["macro_accuracy"] is None else f"{metrics['macro_accuracy']:.4f}",
-                metrics["num_pairs"], row["pairs_per_s"],
-            )  # fmt: skip
-        finally:
-            del scorer
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        row.update(wall_time_s=time.perf_counter() - started, evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        results = [result for result in results if result_key(result) != result_key(row)] + [row]
+    # Score: each checkpoint loaded once for all its datasets; every output rewritten after every checkpoint.
+    for (model_dir, checkpoint), names in tqdm(todo.items(), desc="checkpoints", unit="ckpt", disable=not todo):
+        rows = evaluate_checkpoint(config, model_dir, checkpoint, [eval_sets[name] for name in names], pairs_dir)
+        keys = {result_key(row) for row in rows}
+        results = [result for result in results if result_key(result) not in keys] + rows
         write_results(results, config, csv_path, json_path)
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Table and plot of this sweep
-
+    # Report: the table, the published numbers beside ours, the plot.
     in_sweep = set(sweep_keys)
     sweep_rows = sort_rows([row for row in results if result_key(row) in in_sweep])
     table = results_frame(sweep_rows)
@@ -390,13 +480,18 @@ def sweep(config: EvalConfig, config_path: str, log_path: Path) -> int:
     if "error" in table:
         table["error"] = table["error"].fillna("").astype(str).str.slice(0, 80)
     with pd.option_context("display.width", 250, "display.max_columns", None):
-        logger.info("results on %s:\n%s", config.dataset_path, table.to_string(index=False, float_format="%.4g"))
-    num_pairs = next((row["num_pairs"] for row in sweep_rows if row["status"] == "ok"), 0)
-    write_plot(sweep_rows, plot_path, f"{Path(config.dataset_path).name}, {num_pairs} pairs")
-
+        logger.info("results:\n%s", table.to_string(index=False, float_format="%.4g"))
+        if len(entries) > 1:
+            logger.info(
+                "accuracy by dataset:\n%s", summary_table(sweep_rows).to_string(index=False, float_format="%.4f")
+            )
+    for line in reference_lines(sweep_rows, list(eval_sets.values())):
+        logger.info(line)
+    title = entries[0][0] if len(entries) == 1 else f"{len(entries)} datasets"
+    write_plot(sweep_rows, plot_path, title)
     failed = [row for row in sweep_rows if row["status"] == "error"]
     for row in failed:
-        logger.error("%s/%s failed: %s", row["model"], row["checkpoint"], row["error"])
+        logger.error("%s/%s on %s failed: %s", row["model"], row["checkpoint"], row.get("dataset"), row["error"])
     logger.info(
         "results: %s, %s, %s; per-pair scores in %s/; log: %s", csv_path, json_path, plot_path, pairs_dir, log_path
     )

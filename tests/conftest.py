@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,6 +28,7 @@ def eval_rm():
     """eval_rm.py as a module, so tests call its ``main`` in-process."""
     spec = importlib.util.spec_from_file_location("eval_rm", Path(__file__).resolve().parents[1] / "eval_rm.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["eval_rm"] = module  # as an import would: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -116,7 +116,7 @@ def test_sweep_writes_csv_json_plot_pair_scores_and_log(
     with Image.open(tmp_path / "results" / "evaluation_results.png") as plot:
         assert plot.format == "PNG"
     (log_file,) = (tmp_path / "logs").glob("eval_*.log")
-    assert "checkpoint-20: accuracy" in log_file.read_text()
+    assert "checkpoint-20 on eval: accuracy" in log_file.read_text()
     assert file_hashes(run) == before, "evaluation must not change checkpoint files"
 
 
@@ -378,7 +378,7 @@ def test_run_eval_sh_passes_gpu_and_exit_code(tmp_path, reward_model, processor,
     assert finished.returncode == 1, finished.stderr[-2000:]
     (log_file,) = (tmp_path / "logs").glob("eval_*.log")
     log = log_file.read_text()
-    assert "CUDA_VISIBLE_DEVICES=0" in log and "checkpoint-1: accuracy" in log and "checkpoint-2" in log
+    assert "CUDA_VISIBLE_DEVICES=0" in log and "checkpoint-1 on eval: accuracy" in log and "checkpoint-2" in log
 
 
 def test_irrelevant_scores_are_the_chosen_response_under_the_drawn_prompts(

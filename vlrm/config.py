@@ -297,7 +297,7 @@ _NOT_ALLOWED = object()
 
 def _conform(value: Any, hint: Any) -> Any:
     """``value`` as the declared type ``hint`` accepts it (an integral float becomes an int, a single value of a
-    list field a one-item list), or ``_NOT_ALLOWED``. bool is not a number, a fraction is not an int, a list is not a
+    list field a one-item list, a mapping for a list of strings ``name=value`` entries), or ``_NOT_ALLOWED``. bool is not a number, a fraction is not an int, a list is not a
     scalar. Types this does not know (a class of transformers', say) are left to the dataclass."""
     origin, args = get_origin(hint), get_args(hint)
     if hint is Any:
@@ -323,6 +323,10 @@ def _conform(value: Any, hint: Any) -> Any:
     if hint is str:
         return value if isinstance(value, str) else _NOT_ALLOWED
     if origin is list:
+        if value is None:  # an empty list; a required list says so in the config's own check
+            return []
+        if isinstance(value, dict) and args and args[0] is str:  # a YAML mapping name: path -> ["name=path", ...]
+            value = [f"{name}={path}" for name, path in value.items()]
         items = value if isinstance(value, list) else [value]
         conformed = [_conform(item, args[0]) if args else item for item in items]
         return _NOT_ALLOWED if any(item is _NOT_ALLOWED for item in conformed) else conformed
@@ -417,9 +421,21 @@ class EvalConfig(ModelDataArguments):
             "level (a single model dir works too)."
         },
     )
-    dataset_path: str | None = field(
-        default=None,
-        metadata={"help": "Held-out preference pairs: .json, .jsonl, .parquet or a `datasets.save_to_disk` dir."},
+    dataset_path: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Held-out preference sets (.json, .jsonl, .parquet or a `datasets.save_to_disk` dir): one path, a "
+            "list, or a mapping name: path (YAML; on the command line `name=path`). Each checkpoint is scored on "
+            "each: one result row per (checkpoint, dataset)."
+        },
+    )
+    benchmark: Literal["auto", "vl_rewardbench", "multimodal_rewardbench", "mm_rlhf"] = field(
+        default="auto",
+        metadata={
+            "help": "Read every row as this benchmark's layout (vlrm.benchmarks); `auto`: each row's fields tell "
+            "(VL-RewardBench: response + human_ranking; Multimodal RewardBench: Output1/Output2/Better; MM-RLHF: "
+            "image and video columns)."
+        },
     )
     base_model_path: str | None = field(
         default=None,
@@ -474,6 +490,7 @@ class EvalConfig(ModelDataArguments):
             self.model_dirs = [self.model_dirs]
         if not self.model_dirs:
             raise ConfigError("model_dirs is required: a list of training output dirs (or model dirs) to evaluate.")
+        self.dataset_path = _as_list(self.dataset_path)
         if not self.dataset_path:
             raise ConfigError("dataset_path is required (a .json, .jsonl, .parquet file or a save_to_disk dir).")
         if self.num_irrelevant_pairs < 0:

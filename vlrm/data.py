@@ -31,6 +31,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from vlrm import benchmarks
+
 logger = logging.getLogger(__name__)
 
 QUESTION_KEYS = ("question", "prompt", "query")
@@ -51,6 +53,9 @@ CANONICAL_FEATURES = datasets.Features(
         "rejected": datasets.Value("string"),
         "margin": datasets.Value("float32"),
         "category": datasets.Value("string"),
+        "group": datasets.Value("string"),  # pairs judged together (MM-RLHF's Acc+), else null
+        "preferred_position": datasets.Value("int8"),  # where the preferred answer stood in the source row, if known
+        "benchmark": datasets.Value("string"),  # the benchmark layout the row was read as (vlrm.benchmarks), or null
     }
 )
 
@@ -346,8 +351,17 @@ def _llava_turns(conversations: Any, field_name: str) -> tuple[str, str]:
     return _text(human[0].get("value"), field_name), _text(answer[-1].get("value"), field_name)
 
 
-def map_row(raw: dict[str, Any]) -> dict[str, Any]:
-    """Map one raw row of any accepted layout to the canonical fields (images still unresolved)."""
+def map_row(raw: dict[str, Any], benchmark: str | None = None) -> dict[str, Any]:
+    """Map one raw row of any accepted layout to the canonical fields (images still unresolved). ``benchmark`` names
+    a benchmark layout (``vlrm.benchmarks``); by default each row's own fields tell. Raises ``RowProblem``, or
+    ``UnsupportedRow`` for a benchmark row vlrm cannot score."""
+    kind = benchmarks.benchmark_of(raw, benchmark)
+    if kind == benchmarks.MULTIMODAL_REWARDBENCH:
+        raw = benchmarks.multimodal_rewardbench_fields(raw)
+    elif kind == benchmarks.MM_RLHF_REWARDBENCH:
+        raw = benchmarks.mm_rlhf_fields(raw)
+    preferred_position = raw.get("preferred_position")
+    category = raw.get("category")
     images = _as_list(raw.get("images", raw.get("image")))
     if "conversations" in raw:  # LLaVA / POVID
         question, chosen = _llava_turns(raw["conversations"], "conversations")
@@ -362,7 +376,9 @@ def map_row(raw: dict[str, Any]) -> dict[str, Any]:
             raise RowProblem("response", "VL-RewardBench rows need two responses and two ranks")
         if ranking[0] == ranking[1]:
             raise RowProblem("human_ranking", "both responses have the same rank: no preference")
-        best = 0 if ranking[0] < ranking[1] else 1
+        best = preferred_position = 0 if ranking[0] < ranking[1] else 1
+        if category is None:
+            category = benchmarks.vl_rewardbench_category(raw)
         chosen = _text(responses[best], "response")
         rejected = _text(responses[1 - best], "response")
         prompt = _user_prompt(_text(raw.get("query"), "query"), len(images))
@@ -392,7 +408,6 @@ def map_row(raw: dict[str, Any]) -> dict[str, Any]:
     margin = raw.get("margin")
     if margin is not None and not isinstance(margin, (int, float)):
         raise RowProblem("margin", f"expected a number, got {type(margin).__name__}")
-    category = raw.get("category")
     return {
         "prompt": prompt,
         "images": images,
@@ -400,6 +415,9 @@ def map_row(raw: dict[str, Any]) -> dict[str, Any]:
         "rejected": rejected,
         "margin": None if margin is None else float(margin),
         "category": None if category is None else str(category),
+        "group": raw.get("group"),
+        "preferred_position": preferred_position,
+        "benchmark": kind,
     }
 
 

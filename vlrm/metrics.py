@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 UNCATEGORIZED = "uncategorized"
 
@@ -106,10 +107,11 @@ def irrelevant_metrics(chosen: Any, irrelevant: Any) -> dict[str, float]:
 
 
 def evaluate_pairs(
-    chosen: Any, rejected: Any, categories: Any = None, seed: int = 0, num_resamples: int = 1000
+    chosen: Any, rejected: Any, categories: Any = None, seed: int = 0, num_resamples: int = 1000, groups: Any = None
 ) -> dict[str, Any]:
     """Every preference metric of one scored set: a flat dict of numbers plus ``per_category`` (a dict, empty when
-    the rows carry no category). ``accuracy_ci_low``/``accuracy_ci_high`` bound a 95% bootstrap interval."""
+    the rows carry no category). ``accuracy_ci_low``/``accuracy_ci_high`` bound a 95% bootstrap interval; with
+    ``groups``, ``acc_plus`` (``group_accuracy``) and ``num_groups``."""
     chosen, rejected = _check_pairs(chosen, rejected)
     metrics: dict[str, Any] = preference_metrics(chosen, rejected)
     correct = chosen > rejected
@@ -119,5 +121,53 @@ def evaluate_pairs(
     per_category, macro = category_accuracy(correct, categories if categories is not None else [None] * correct.size)
     metrics["macro_accuracy"] = macro
     metrics["per_category"] = per_category
+    metrics["acc_plus"], metrics["num_groups"] = group_accuracy(correct, groups)
     metrics.update(reward_statistics(chosen, rejected))
     return metrics
+
+
+def group_accuracy(correct: Any, groups: Any) -> tuple[float | None, int]:
+    """Acc+ (MM-RLHF-RewardBench): the share of groups whose pairs are **all** right (ties are wrong), and the number
+    of groups. Pairs without a group count as groups of one; with no group at all, returns (None, 0)."""
+    correct = np.asarray(correct, dtype=bool)
+    if groups is None or all(group is None for group in groups):
+        return None, 0
+    frame = pd.DataFrame(
+        {"group": [f"pair-{i}" if g is None else str(g) for i, g in enumerate(groups)], "correct": correct}
+    )
+    all_right = frame.groupby("group", sort=False)["correct"].all()
+    return float(all_right.mean()), int(all_right.size)
+
+
+def bias_diagnostics(
+    chosen: Any, rejected: Any, chosen_lengths: Any = None, rejected_lengths: Any = None, positions: Any = None
+) -> dict[str, Any]:
+    """What reward-model users check for shortcuts: accuracy by where the preferred answer stood in the source row
+    (position bias), the Spearman correlation of the reward with the response's length in tokens over every scored
+    response (length bias), and the accuracy on the pairs whose preferred response is the shorter one."""
+    chosen, rejected = _check_pairs(chosen, rejected)
+    correct = chosen > rejected
+    diagnostics: dict[str, Any] = {}
+    if positions is not None and any(position is not None for position in positions):
+        frame = pd.DataFrame({"position": positions, "correct": correct}).dropna()
+        diagnostics["accuracy_by_preferred_position"] = {
+            str(int(position)): {"accuracy": float(values.mean()), "num_pairs": int(values.size)}
+            for position, values in frame.groupby("position")["correct"]
+        }
+    if (
+        chosen_lengths is not None
+        and rejected_lengths is not None
+        and all(length is not None for length in list(chosen_lengths) + list(rejected_lengths))
+    ):
+        chosen_lengths, rejected_lengths = np.asarray(chosen_lengths), np.asarray(rejected_lengths)
+        rewards = pd.Series(np.concatenate([chosen, rejected]))
+        lengths = pd.Series(np.concatenate([chosen_lengths, rejected_lengths]))
+        # Spearman's rho: the Pearson correlation of the ranks (ties share their mean rank).
+        correlation = rewards.rank().corr(lengths.rank()) if lengths.nunique() > 1 and rewards.nunique() > 1 else None
+        diagnostics["reward_length_spearman"] = (
+            None if correlation is None or np.isnan(correlation) else float(correlation)
+        )
+        shorter = chosen_lengths < rejected_lengths
+        diagnostics["accuracy_when_preferred_is_shorter"] = float(correct[shorter].mean()) if shorter.any() else None
+        diagnostics["num_pairs_preferred_is_shorter"] = int(shorter.sum())
+    return diagnostics

@@ -51,11 +51,12 @@ import datasets
 import numpy as np
 from filelock import FileLock
 
+from vlrm.benchmarks import UnsupportedRow
 from vlrm.data import CANONICAL_FEATURES, BadSampleError, RawRows, RowProblem, images_key, map_row, resolve_image
 
 logger = logging.getLogger(__name__)
 
-PREPARE_VERSION = 1  # bump when a prepared row changes meaning: every cache entry is rebuilt
+PREPARE_VERSION = 2  # bump when a prepared row changes meaning: every cache entry is rebuilt
 WRITER_BATCH_ROWS = 64  # rows buffered per Arrow write: bounds each worker's memory whatever the image sizes
 AUTO_PARALLEL_ROWS = 2000  # below this many rows, starting worker processes costs more than it saves
 MAX_REASONS = 20  # bad and over-long rows listed by name in a report (all are counted)
@@ -103,6 +104,7 @@ class DataSettings:
     cache_dir: str | None = None
     hub_config: str | None = None
     hub_split: str = "train"
+    benchmark: str | None = None  # a benchmark layout for every row (vlrm.benchmarks); None: each row's fields tell
 
 
 @dataclass
@@ -117,6 +119,8 @@ class SourceReport:
     skipped: list[str] = field(default_factory=list)  # the first MAX_REASONS
     num_overlong: int = 0
     overlong: list[str] = field(default_factory=list)
+    num_unsupported: int = 0  # benchmark rows vlrm cannot score (videos)
+    unsupported: list[str] = field(default_factory=list)
     max_seq_length: int | None = None
     cache_hits: int = 0
     builds: int = 0
@@ -125,10 +129,11 @@ class SourceReport:
 
     def add(self, other: SourceReport) -> None:
         """Fold in the report of a top-up build of the same source."""
-        for name in ("rows_drawn", "rows_kept", "num_skipped", "num_overlong", "cache_hits", "builds", "seconds"):
+        for name in ("rows_drawn", "rows_kept", "num_skipped", "num_overlong", "num_unsupported", "cache_hits",
+                     "builds", "seconds"):  # fmt: skip
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.skipped = (self.skipped + other.skipped)[:MAX_REASONS]
-        self.overlong = (self.overlong + other.overlong)[:MAX_REASONS]
+        for name in ("skipped", "overlong", "unsupported"):
+            setattr(self, name, (getattr(self, name) + getattr(other, name))[:MAX_REASONS])
         self.cache_paths += other.cache_paths
 
     def summary(self) -> str:
@@ -141,6 +146,8 @@ class SourceReport:
                 f", dropped {self.num_overlong} pairs longer than max_seq_length={self.max_seq_length} "
                 f"(first: {', '.join(self.overlong[:3])})"
             )
+        if self.num_unsupported:
+            text += f", {self.num_unsupported} unsupported rows skipped (first: {'; '.join(self.unsupported[:3])})"
         how = "loaded from the prepared cache" if not self.builds else "prepared"
         return f"{text}; {how} in {self.seconds:.1f} s ({', '.join(self.cache_paths)})"
 
@@ -186,17 +193,19 @@ def processor_identity(encoder: Any) -> str:
 # One row, in a preparation worker
 
 
-def prepared_row(raw: Any, index: int, rows: RawRows, encoder: Any) -> dict[str, Any]:
+def prepared_row(raw: Any, index: int, rows: RawRows, encoder: Any, benchmark: str | None = None) -> dict[str, Any]:
     """The prepared row of raw row ``index``; raises ``RowProblem`` for a row that cannot be used."""
     if isinstance(raw, RowProblem):
         raise raw
     if not isinstance(raw, dict):
         raise RowProblem("row", f"expected an object, got {type(raw).__name__}")
-    row = map_row(raw)
+    row = map_row(raw, benchmark)
     resolved = [resolve_image(image, rows.base_dir) for image in row["images"]]
     row["images"] = [image for image, _ in resolved]
-    given_id = raw.get("id", raw.get("idx"))  # RLAIF-V names it idx
+    given_id = raw.get("id", raw.get("idx", raw.get("ID")))  # RLAIF-V names it idx, Multimodal RewardBench ID
     row["id"] = str(given_id) if given_id is not None else f"{rows.stem}-{index}"
+    if row["group"] is not None:  # pairs of a group share the source's id: each pair gets its own
+        row["id"] = f"{row['id']}#{index}"
     row["source"] = rows.source
     row["images_key"] = images_key(row["prompt"], row["images"])
     lengths = (None, None, None)
@@ -206,7 +215,7 @@ def prepared_row(raw: Any, index: int, rows: RawRows, encoder: Any) -> dict[str,
     return row
 
 
-def _generate(shards: list, rows: RawRows, encoder: Any, on_bad_sample: str, max_seq_length: int | None, notes: str):
+def _generate(shards: list, rows: RawRows, encoder: Any, settings: DataSettings, notes: str):
     """The rows of ``shards`` (``(shard id, sorted row indices, repeats)``), each yielded ``repeats`` times. What was
     left out goes to ``notes/<shard id>.json``: a worker has no other way to report to the main process (an exception
     would reach it only as text). A bad row in ``error`` mode is noted, and a ``STOP`` file ends every worker early."""
@@ -217,17 +226,20 @@ def _generate(shards: list, rows: RawRows, encoder: Any, on_bad_sample: str, max
             if stop.exists():
                 break
             try:
-                row = prepared_row(raw, index, rows, encoder)
+                row = prepared_row(raw, index, rows, encoder, settings.benchmark)
+            except UnsupportedRow as unsupported:
+                left_out.append(["unsupported", f"row {index} `{unsupported.field_name}`: {unsupported.reason}", repeat])
+                continue
             except RowProblem as problem:
-                if on_bad_sample != "skip":
+                if settings.on_bad_sample != "skip":
                     left_out.append(["error", [rows.source, index, problem.field_name, problem.reason], repeat])
                     stop.touch()
                     break
                 left_out.append(["skipped", f"row {index} `{problem.field_name}`: {problem.reason}", repeat])
                 continue
-            if max_seq_length is not None and row["prompt_length"] is not None:
+            if settings.max_seq_length is not None and row["prompt_length"] is not None:
                 longest = row["prompt_length"] + max(row["chosen_length"], row["rejected_length"])
-                if longest > max_seq_length:
+                if longest > settings.max_seq_length:
                     left_out.append(["overlong", f"{row['id']} ({longest} tokens)", repeat])
                     continue
             for _ in range(repeat):
@@ -281,8 +293,7 @@ def _build(entry: Path, rows: RawRows, indices: np.ndarray, repeats: np.ndarray,
                     "shards": shards,
                     "rows": rows,
                     "encoder": encoder,
-                    "on_bad_sample": settings.on_bad_sample,
-                    "max_seq_length": settings.max_seq_length,
+                    "settings": settings,
                     "notes": str(tmp / "notes"),
                 },
             )  # the returned set maps files in tmp, which moves: it is loaded again from its final place
@@ -292,16 +303,12 @@ def _build(entry: Path, rows: RawRows, indices: np.ndarray, repeats: np.ndarray,
         errors = sorted((note[1] for note in left_out if note[0] == "error"), key=lambda place: place[1])
         if errors:
             raise BadSampleError(*errors[0])
-        skipped = [(text, repeat) for kind, text, repeat in left_out if kind == "skipped"]
-        overlong = [(text, repeat) for kind, text, repeat in left_out if kind == "overlong"]
-        report = {
-            "rows_drawn": int(repeats.sum()),
-            "num_skipped": len(skipped),
-            "skipped": [text for text, _ in skipped[:MAX_REASONS]],
-            "num_overlong": len(overlong),
-            "overlong": [text for text, _ in overlong[:MAX_REASONS]],
-        }
-        report["rows_kept"] = report["rows_drawn"] - sum(repeat for _, repeat in skipped + overlong)
+        report = {"rows_drawn": int(repeats.sum()), "rows_kept": int(repeats.sum())}
+        for kind in ("skipped", "overlong", "unsupported"):
+            notes = [(text, repeat) for note_kind, text, repeat in left_out if note_kind == kind]
+            report[f"num_{kind}"] = len(notes)
+            report[kind] = [text for text, _ in notes[:MAX_REASONS]]
+            report["rows_kept"] -= sum(repeat for _, repeat in notes)
         if failure is not None and report["rows_kept"]:
             raise failure
         if failure is not None:
@@ -323,6 +330,7 @@ def prepare_rows(rows: RawRows, indices: np.ndarray, repeats: np.ndarray, settin
         "processor": processor_identity(encoder) if encoder is not None else None,
         "on_bad_sample": settings.on_bad_sample,
         "max_seq_length": settings.max_seq_length,
+        "benchmark": settings.benchmark,
         "rows": hashlib.sha256(indices.astype(np.int64).tobytes() + repeats.astype(np.int64).tobytes()).hexdigest(),
     }
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
@@ -445,10 +453,11 @@ def load_preference_dataset(
     max_seq_length: int | None = None,
     cache_dir: str | None = None,
     num_proc: int | None = None,
+    benchmark: str | None = None,
 ) -> tuple[datasets.Dataset, SourceReport]:
     """Prepared canonical rows of ``path`` (one source, or several concatenated) and the (first) source's report.
     With an ``encoder``, rows carry their token lengths and ``max_seq_length`` drops longer pairs."""
-    settings = DataSettings(on_bad_sample, max_seq_length, seed, num_proc, cache_dir)
+    settings = DataSettings(on_bad_sample, max_seq_length, seed, num_proc, cache_dir, benchmark=benchmark)
     dataset, reports = prepare_mixture(path, settings, encoder, max_samples=max_samples)
     return dataset, reports[0]
 

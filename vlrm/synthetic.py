@@ -111,15 +111,56 @@ def write_blanked(eval_path: Path, image_size: int) -> Path:
     return blank_path
 
 
+VL_REWARDBENCH_SOURCES = ("vlfeedback", "wildvision-battle", "povid", "rlhf-v", "rlaif-v", "reasoning_tasks")
+
+
+def write_benchmark_standins(eval_path: Path, seed: int = 0) -> list[Path]:
+    """The held-out rows in each benchmark's own layout (``vlrm.benchmarks``), to run the benchmark protocols end to
+    end without the benchmarks themselves: synthetic **stand-ins**, not the benchmarks. VL-RewardBench: the two
+    responses in a seeded order with ``human_ranking``, ``query_source`` cycling through its six sources;
+    Multimodal RewardBench: ``Output1``/``Output2`` with ``Better`` either way; MM-RLHF-RewardBench: every wrong answer
+    of a row paired with its right one, the pairs of a row sharing its ``id`` (2 or 3 pairs: an Acc+ group)."""
+    rng = random.Random(f"{seed}-standins")
+    rows = [json.loads(line) for line in eval_path.read_text().splitlines()]
+    vl_rewardbench, multimodal, mm_rlhf = [], [], []
+    for index, row in enumerate(rows):
+        source = VL_REWARDBENCH_SOURCES[index % len(VL_REWARDBENCH_SOURCES)]
+        chosen_first = rng.random() < 0.5
+        responses = [row["chosen"], row["rejected"]] if chosen_first else [row["rejected"], row["chosen"]]
+        vl_rewardbench.append(
+            {"id": f"{source}-{index}", "query": row["question"], "image": row["images"][0], "response": responses,
+             "human_ranking": [0, 1] if chosen_first else [1, 0], "query_source": source}
+        )  # fmt: skip
+        multimodal.append(
+            {"ID": row["id"], "Text": row["question"], "Image": row["images"][0], "Output1": responses[0],
+             "Output2": responses[1], "Better": "Output1" if chosen_first else "Output2", "Category": row["category"]}
+        )  # fmt: skip
+        answers = QUESTIONS[row["category"]][1].values()
+        for wrong in (answer for answer in answers if answer != row["chosen"]):
+            mm_rlhf.append(
+                {"id": row["id"], "image": row["images"][0], "video": None, "prompt": row["question"],
+                 "chosen": row["chosen"], "rejected": wrong}
+            )  # fmt: skip
+    paths = []
+    for name, layout_rows in (("vl_rewardbench", vl_rewardbench), ("multimodal_rewardbench", multimodal),
+                              ("mm_rlhf", mm_rlhf)):  # fmt: skip
+        path = eval_path.with_name(f"standin_{name}.jsonl")
+        with open(path, "w") as file:
+            file.writelines(json.dumps(layout_row) + "\n" for layout_row in layout_rows)
+        paths.append(path)
+    return paths
+
+
 def make_synthetic_dataset(
     output_dir: str | Path, num_train: int = 1200, num_eval: int = 200, seed: int = 0, image_size: int = 112
 ) -> tuple[Path, Path]:
-    """Write ``train.jsonl``, ``eval.jsonl`` and ``eval_blank.jsonl`` (+ ``images/``) under ``output_dir``; returns
-    the first two paths."""
+    """Write ``train.jsonl``, ``eval.jsonl``, ``eval_blank.jsonl``, the benchmark stand-ins ``standin_*.jsonl``
+    (+ ``images/``) under ``output_dir``; returns the first two paths."""
     output_dir = Path(output_dir)
     train = make_split(output_dir, "train", num_train, seed, image_size)
     held_out = make_split(output_dir, "eval", num_eval, seed, image_size)
     write_blanked(held_out, image_size)
+    write_benchmark_standins(held_out, seed)
     return train, held_out
 
 
