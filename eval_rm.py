@@ -1,4 +1,4 @@
-"""Evaluate every checkpoint of one or more reward-model runs on a held-out preference set.
+"""Evaluate every checkpoint of one or more reward-model runs on one or more held-out preference sets or benchmarks.
 
 One process (CPU demo, or one GPU):
     python eval_rm.py training_configs/eval_config_example.yaml
@@ -7,22 +7,27 @@ One process (CPU demo, or one GPU):
 Override any config key on the command line (`python eval_rm.py --help` lists them):
     python eval_rm.py training_configs/eval_config_example.yaml --max_eval_samples 200
     python eval_rm.py CONFIG --model_dirs outputs/run_a outputs/run_b --force
+    python eval_rm.py CONFIG --dataset_path vlrb=data/vl_rewardbench.parquet held_out=data/eval.jsonl
+    python eval_rm.py training_configs/eval_config_benchmarks.yaml      # the benchmark stand-ins, after make demo
 
-Each model dir gives its `checkpoint-*` dirs in step order, then its final model (`final`). Outputs, with the default
+Each model dir gives its `checkpoint-*` dirs in step order, then its final model (`final`); each checkpoint is loaded
+once and scored on every dataset (benchmarks by their own protocols: vlrm/benchmarks.py). Outputs, with the default
 output_file `evaluation_results.csv`:
-    evaluation_results/evaluation_results.csv    one row per model x checkpoint, sorted by model then step: status
-                                                 (ok | error) and error, accuracy with a 95% bootstrap interval,
-                                                 num_ties, margin mean/std, num_pairs, accuracy per category
-                                                 (accuracy/<category>) and their macro mean, reward mean/std (to
-                                                 normalise rewards in RL), step, wall_time_s (load + score) and
-                                                 pairs_per_s (scoring only)
-    evaluation_results/evaluation_results.json   the config, the same rows with per_category nested, and the errors
+    evaluation_results/evaluation_results.csv    one row per model x checkpoint x dataset, sorted by model then step:
+                                                 status (ok | error) and error, accuracy with a 95% bootstrap
+                                                 interval, num_ties, margin mean/std, num_pairs, num_overlong,
+                                                 accuracy per category (accuracy/<category>) and their macro mean,
+                                                 acc_plus (groups all right, MM-RLHF), reward mean/std (to normalise
+                                                 rewards in RL), step, wall_time_s (load + score), pairs_per_s
+    evaluation_results/evaluation_results.json   the config, the same rows with per_category, bias diagnostics and
+                                                 overlong_ids nested, and the errors
     evaluation_results/evaluation_results_pairs/<model>__<checkpoint>__<dataset>.csv
                                                  per-pair scores: id, category, chosen_score, rejected_score. One
-                                                 small CSV per checkpoint, so finishing one never rewrites another
-                                                 and each opens directly in pandas or a spreadsheet.
-    evaluation_results/evaluation_results.png    accuracy and its interval against step, one line per model
-    logs/eval_TIMESTAMP.log                      the full log
+                                                 small CSV per checkpoint and dataset, so finishing one never
+                                                 rewrites another and each opens directly in pandas or a spreadsheet.
+    evaluation_results/evaluation_results.png    accuracy and its interval against step, one line per model x dataset
+    logs/eval_TIMESTAMP.log                      the full log: results, accuracy by dataset, published reference
+                                                 numbers next to ours for recognised benchmarks
 
 Ties (chosen == rejected) count as wrong, as RewardBench scores them, and are counted in num_ties.
 
@@ -33,9 +38,8 @@ Crash-safe and resumable: after every checkpoint the results are rewritten atomi
 so a killed sweep loses only the checkpoint in progress. Running the same command again skips each (model_dir,
 checkpoint, dataset_path, max_eval_samples) already scored, unless its weights changed since (a re-run training
 overwrote it) or a setting that changes its numbers differs (RESULT_SETTINGS: the log says which); `--force`
-re-evaluates all, and error rows are always retried. A checkpoint that cannot be loaded
-becomes a row with status `error` and the reason, and the sweep goes on; the exit code is then 1. Checkpoints are
-only read, never written.
+re-evaluates all, and error rows are always retried. A checkpoint that cannot be loaded becomes a row with status
+`error` and the reason, and the sweep goes on; the exit code is then 1. Checkpoints are only read, never written.
 """
 
 from __future__ import annotations
