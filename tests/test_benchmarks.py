@@ -190,3 +190,37 @@ def test_one_sweep_over_three_datasets_rows_plot_references_and_resume(
     report = json.loads((tmp_path / "results" / "evaluation_results.json").read_text())
     vlrb_row = next(row for row in report["results"] if row["dataset"] == "vlrb")
     assert set(vlrb_row["bias"]) >= {"accuracy_by_preferred_position", "reward_length_spearman"}
+
+
+def test_benchmark_layouts_read_from_parquet_and_save_to_disk(tmp_path, images):
+    """The columnar forms: parquet (nulls for absent values) and `datasets.save_to_disk` with image features."""
+    import datasets
+
+    rows = [
+        {"id": "g1", "image": images[0], "video": None, "prompt": "P?", "chosen": "good", "rejected": "bad"},
+        {"id": "g1", "image": images[1], "video": None, "prompt": "P?", "chosen": "good", "rejected": "worse"},
+        {"id": "g2", "image": None, "video": "clip.mp4", "prompt": "V?", "chosen": "good", "rejected": "bad"},
+    ]
+    pd.DataFrame(rows).to_parquet(tmp_path / "mmrlhf.parquet")
+    dataset, report = load_preference_dataset(tmp_path / "mmrlhf.parquet")
+    assert dataset["group"] == ["g1", "g1"] and report.num_unsupported == 1
+    assert set(dataset["benchmark"]) == {"mm_rlhf"}
+    vlrb = datasets.Dataset.from_list(
+        [
+            {
+                "id": "povid-1",
+                "query": "Q?",
+                "image": Image.open(tmp_path / images[0]),
+                "response": ["a", "b"],
+                "human_ranking": [1, 0],
+                "query_source": "povid",
+            }
+        ]  # fmt: skip
+    ).cast_column("image", datasets.Image())
+    vlrb.save_to_disk(tmp_path / "vlrb_disk")
+    dataset, _ = load_preference_dataset(tmp_path / "vlrb_disk")
+    assert (
+        dataset["category"] == ["hallucination"]
+        and dataset["chosen"] == ["b"]
+        and dataset["preferred_position"] == [1]
+    )

@@ -255,12 +255,16 @@ def _looks_like_json_lines(path: Path) -> bool:
     return head[:1] == b"{"
 
 
+LAYOUT_MARKERS = ("video",)  # columns whose presence, even null, identifies a layout (MM-RLHF-RewardBench)
+
+
 def _drop_nan(row: dict[str, Any]) -> dict[str, Any]:
-    """pandas fills a field missing from some rows with NaN (and parquet with null); treat it as absent."""
+    """pandas fills a field missing from some rows with NaN (and parquet with null); treat it as absent, except for
+    the columns that mark a benchmark's layout."""
     return {
         key: value
         for key, value in row.items()
-        if value is not None and not (isinstance(value, float) and math.isnan(value))
+        if key in LAYOUT_MARKERS or (value is not None and not (isinstance(value, float) and math.isnan(value)))
     }
 
 
