@@ -12,6 +12,7 @@ setup(
         "transformers>=5.0,<6",
         "trl>=1.0,<2",
         "accelerate>=1.4",
+        "peft>=0.18",
         "datasets>=3.0",
         "qwen-vl-utils>=0.0.10",
         "pyyaml",

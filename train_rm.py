@@ -9,6 +9,10 @@ Many GPUs (torchrun + DeepSpeed, see run_distributed.sh):
     ./run_distributed.sh --gpus 8 --config training_configs/7b_config.yaml -- --num_train_epochs 2
 Resume:
     python train_rm.py CONFIG --resume_from_checkpoint outputs/run/checkpoint-200
+LoRA (peft adapters + the score head; checkpoints hold only those, see vlrm/lora.py):
+    python train_rm.py training_configs/tiny_demo.yaml --use_lora true --lora_r 16 --lora_alpha 32 --lora_vision merger \
+        --learning_rate 1e-3 --output_dir outputs/tiny_lora
+    python train_rm.py training_configs/72b_lora.yaml
 Prepare the data ahead (optional; the first run does it and caches it, see vlrm/prepare.py):
     python -m vlrm.prepare training_configs/7b_config.yaml
 
@@ -29,6 +33,7 @@ from transformers import AutoProcessor, set_seed
 from vlrm.batching import PreferenceEncoder, make_collator
 from vlrm.config import TrainConfig, config_to_dict, load_config
 from vlrm.irrelevant import EpochCallback, IrrelevantPairSampler, IrrelevantQueryCollator, with_row_index
+from vlrm.lora import apply_lora, count_parameters, lora_summary
 from vlrm.model import VLRewardModel
 from vlrm.packing import enable_packed_attention, pair_tokens
 from vlrm.prepare import pair_lengths, peak_memory_gb, prepare_training_data
@@ -106,14 +111,15 @@ if config.freeze_vit:
     model.freeze_vision_tower()
 if config.packing:
     enable_packed_attention(model)  # language-model attention for the packed layout; the padded layout still works
-# ZeRO-3 leaves each rank an empty placeholder per weight; `ds_numel` is the full size.
-trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+if config.use_lora:
+    # peft adapters (vlrm.lora): the backbone frozen, the adapters and the whole score head trained and saved.
+    model = apply_lora(model, config)
+trainable, total = count_parameters(model)  # ZeRO-3 placeholders counted at their full size
 logger.info(
-    "model: %s, %.1fM trainable of %.1fM parameters",
-    config.model_name_or_path,
-    trainable / 1e6,
-    sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6,
-)
+    "model: %s, %s trainable of %s parameters (%.3f%%)%s",
+    config.model_name_or_path, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+    f"; {lora_summary(model)}" if config.use_lora else "",
+)  # fmt: skip
 
 # ----------------------------------------------------------------------------------------------------------------
 # Collators: each pair's prompt with its chosen and rejected branches (+ irrelevant-query branches)

@@ -104,6 +104,7 @@ BASE = "model_name_or_path: some/model\ndataset_path: data.jsonl\noutput_dir: ou
         ("max_seq_length: 512.7", "`max_seq_length` must be an integer, got 512.7 \\(float\\)"),
         ("learning_rate: [0.1]", r"`learning_rate` must be a number, got \[0.1\] \(list\)"),
         ("eval_strategy: no", "`eval_strategy` must be a string.*got False.*quote the word"),
+        ("learning_rate: 1e-5", "`learning_rate` must be a number, got '1e-5' \\(str\\).*write 1.0e-5"),
         ("dataset_weights: [1.0, yes]", "`dataset_weights` must be a number or a list of them"),
     ],
 )

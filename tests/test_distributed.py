@@ -8,6 +8,9 @@ steps of 2 pairs each (logging every step, a checkpoint every 2 steps):
     resumed  ddp again, from ddp's checkpoint-2         run_distributed.sh ... --resume_from_checkpoint
     zero2    ddp + --deepspeed zero2.json               run_distributed.sh with tests/distributed_driver.py
     zero3    ddp + --deepspeed zero3.json               (same; the driver records rewards at every checkpoint)
+    lora_zero2, lora_zero3   zero2 / zero3 + LoRA (vlrm.lora): rank-4 adapters on the language model and the merger,
+                             the merger at its own learning rate; ZeRO-3 also with gradient checkpointing
+    lora_zero3_resumed       lora_zero3 again, from its checkpoint-2
 
 Each run is a module fixture, started by the first test that needs it (~25-35 s each on 2 cores).
 
@@ -21,6 +24,7 @@ A reloaded checkpoint repeats the exact computation of the training process, so 
 """
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -229,6 +233,89 @@ def test_resumed_two_process_run_continues_with_the_same_losses(launch, ddp_run,
     assert_same_steps(step_logs(resumed), step_logs(ddp_run), range(3, STEPS + 1), "resumed vs uninterrupted")
     final = f"checkpoint-{STEPS}"
     assert_same_rewards(score(resumed / final, data_dir), score(ddp_run / final, data_dir), "resumed vs uninterrupted")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA under ZeRO-2/3: trains, saves adapter + head, reloads with the rewards of training; the groups reach DeepSpeed
+
+LORA_LEARNING_RATE, LORA_ALIGNER_LR = 1e-3, 3e-3
+LORA_FLAGS = [
+    "--use_lora", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_vision", "merger",
+    "--aligner_lr", str(LORA_ALIGNER_LR),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lora_zero_runs(launch):
+    runs = {}
+    for stage in (2, 3):
+        # ZeRO-3 + LoRA + gradient checkpointing is the 72B recipe's combination (TRL makes it reentrant).
+        extra = ["--gradient_checkpointing", "true"] if stage == 3 else []
+        runs[stage] = launch(
+            f"lora_zero{stage}", 2, "--deepspeed", str(ROOT / f"zero{stage}.json"), *LORA_FLAGS, *extra, driver=True
+        )
+    return runs
+
+
+def deepspeed_param_groups(checkpoint: Path) -> list[dict]:
+    """The optimizer's param groups as DeepSpeed saved them (rank 0's optimizer-state file)."""
+    (state_file,) = checkpoint.glob("global_step*/*zero_pp_rank_0_*optim_states.pt")
+    state = torch.load(state_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    while "param_groups" not in state:  # ZeRO-2 and ZeRO-3 nest the wrapped optimizer's state differently
+        state = state.get("base_optimizer_state") or state["optimizer_state_dict"]
+    return state["param_groups"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lora_zero_runs_save_adapters_that_reload_with_the_rewards_of_training(stage, lora_zero_runs, data_dir):
+    from vlrm.scoring import RewardScorer
+
+    run = lora_zero_runs[stage]
+    logs = step_logs(run)
+    assert sorted(logs) == list(range(1, STEPS + 1))
+    assert all(math.isfinite(entry["loss"]) and entry["grad_norm"] > 0 for entry in logs.values())
+    rewards_by_step = {}
+    for step in (2, STEPS):
+        checkpoint = run / f"checkpoint-{step}"
+        assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "config.json").is_file()
+        assert not list(checkpoint.glob("model*.safetensors")), "a LoRA checkpoint holds no base weights"
+        adapter_config = json.loads((checkpoint / "adapter_config.json").read_text())
+        assert adapter_config["vlrm"]["format"] == "vlrm-lora-reward-model"
+        probes = [json.loads((checkpoint / f"probe_rank{rank}.json").read_text()) for rank in (0, 1)]
+        assert [(probe["world_size"], probe["zero_stage"]) for probe in probes] == [(2, stage)] * 2
+        in_training = torch.tensor(probes[0]["rewards"])
+        assert_same_rewards(torch.tensor(probes[1]["rewards"]), in_training, "rank 1 vs rank 0")
+        # VLRewardModel.from_pretrained merges the adapter into the base model; the scorer keeps it unmerged.
+        reloaded = score(checkpoint, data_dir)
+        assert_same_rewards(reloaded, in_training, f"LoRA ZeRO-{stage} checkpoint-{step} reloaded vs in training")
+        scorer_model = RewardScorer.from_pretrained(checkpoint, packing=False, device="cpu").model
+        assert type(scorer_model).__name__ == "PeftModel"
+        rewards_by_step[step] = reloaded
+    assert_same_rewards(score(run, data_dir), rewards_by_step[STEPS], "final model vs last checkpoint")
+    assert (rewards_by_step[2] - rewards_by_step[STEPS]).abs().max() > 100 * REWARD_TOLERANCE
+    # aligner_lr reached DeepSpeed's optimizer as a param group of its own, which the schedule scales like the rest
+    # (checkpoint-2: mid-schedule, where neither rate has decayed to 0 yet).
+    groups = {group["name"]: group for group in deepspeed_param_groups(run / "checkpoint-2")}
+    assert {name: group["initial_lr"] for name, group in groups.items()} == {
+        "rest": LORA_LEARNING_RATE,
+        "merger": LORA_ALIGNER_LR,
+    }
+    assert 0 < groups["rest"]["lr"] < LORA_LEARNING_RATE
+    assert groups["merger"]["lr"] / groups["rest"]["lr"] == pytest.approx(LORA_ALIGNER_LR / LORA_LEARNING_RATE)
+
+
+def test_resumed_lora_zero3_run_continues_with_the_same_losses(launch, lora_zero_runs, data_dir):
+    # DeepSpeed loads the adapter and head from its own checkpoint (global_step*/, frozen weights left out).
+    uninterrupted = lora_zero_runs[3]
+    resumed = launch(
+        "lora_zero3_resumed", 2, "--deepspeed", str(ROOT / "zero3.json"), *LORA_FLAGS, "--gradient_checkpointing",
+        "true", "--resume_from_checkpoint", str(uninterrupted / "checkpoint-2"), driver=True,
+    )  # fmt: skip
+    assert_same_steps(
+        step_logs(resumed), step_logs(uninterrupted), range(3, STEPS + 1), "LoRA resumed vs uninterrupted"
+    )
+    final = f"checkpoint-{STEPS}"
+    assert_same_rewards(score(resumed / final, data_dir), score(uninterrupted / final, data_dir), "LoRA resumed")
 
 
 # ----------------------------------------------------------------------------------------------------------------

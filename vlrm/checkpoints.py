@@ -1,9 +1,11 @@
 """Finding the checkpoints of a training run, in step order.
 
 A training output dir holds ``checkpoint-<step>/`` dirs (saved every ``save_steps``) and, once training finishes,
-the final model at its top level. Both are listed; a dir counts as a model when it has ``config.json`` and weights.
-Matching checkpoint dirs are listed even without weights, so that a broken save shows up in a sweep as an error
-rather than disappearing; ``check_loadable`` says what is wrong with one before any weight is read.
+the final model at its top level. Both are listed; a dir counts as a model when it has ``config.json`` and weights:
+full weights, or a vlrm LoRA adapter (``adapter_model.safetensors`` + ``adapter_config.json`` with a ``vlrm`` entry;
+its base model is loaded from elsewhere, see ``vlrm.lora``). Matching checkpoint dirs are listed even without weights,
+so that a broken save shows up in a sweep as an error rather than disappearing; ``check_loadable`` says what is wrong
+with one before any weight is read.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 
-WEIGHT_GLOBS = ("model*.safetensors", "pytorch_model*.bin", "*.index.json")
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # peft's names
+
+WEIGHT_GLOBS = ("model*.safetensors", "pytorch_model*.bin", "*.index.json", *ADAPTER_WEIGHT_FILES)
 
 _STEP = re.compile(r"(?:^|[-_])(?:step)?(\d+)$")
 
@@ -48,18 +52,23 @@ def parse_step(name: str) -> int | None:
 
 
 def has_weights(path: str | Path) -> bool:
+    """Full weights (not an adapter's)."""
     return any((Path(path) / name).is_file() for name in WEIGHT_FILES)
 
 
+def has_adapter_weights(path: str | Path) -> bool:
+    return any((Path(path) / name).is_file() for name in ADAPTER_WEIGHT_FILES)
+
+
 def weights_mtime(path: str | Path) -> float | None:
-    """Newest modification time of the weight files, or None without any: when it changes, the checkpoint was
-    overwritten (a training run started again into the same dir) and an earlier score of it is stale."""
+    """Newest modification time of the weight files (an adapter's too), or None without any: when it changes, the
+    checkpoint was overwritten (a training run started again into the same dir) and an earlier score of it is stale."""
     files = [file for pattern in WEIGHT_GLOBS for file in Path(path).glob(pattern)]
     return max((file.stat().st_mtime for file in files), default=None)
 
 
 def is_model_dir(path: str | Path) -> bool:
-    return (Path(path) / "config.json").is_file() and has_weights(path)
+    return (Path(path) / "config.json").is_file() and (has_weights(path) or has_adapter_weights(path))
 
 
 def _trainer_state(path: Path) -> dict:
@@ -103,13 +112,31 @@ def check_loadable(path: str | Path) -> None:
         raise CheckpointError(f"{path}: not a directory")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json (an incomplete save?)")
+    if (path / "adapter_config.json").is_file() and not has_weights(path):
+        _check_adapter(path)
+        return
     if has_weights(path):
         return
-    if (path / "adapter_config.json").is_file():
-        raise CheckpointError(f"{path}: holds a LoRA adapter only; merge it into the base model before evaluating")
     if any(path.glob("global_step*")):
         raise CheckpointError(
             f"{path}: holds DeepSpeed ZeRO shards only (global_step*/); consolidate them with "
             f"`python {path}/zero_to_fp32.py {path} {path}` or set stage3_gather_16bit_weights_on_model_save: true"
         )
     raise CheckpointError(f"{path}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
+
+
+def _check_adapter(path: Path) -> None:
+    """A LoRA dir loads when vlrm saved it (its ``vlrm`` entry says the score head is in the adapter and names the
+    base model) and its weights are there; the base model is found when it is loaded (``vlrm.lora``)."""
+    from vlrm.lora import read_lora_marker
+
+    if read_lora_marker(path) is None:
+        raise CheckpointError(
+            f"{path}: holds a LoRA adapter only, not one vlrm saved (no `vlrm` entry in adapter_config.json, so no "
+            "trained score head is known to be in it): merge it into its base model and save a full reward model, "
+            "or train the adapter with vlrm (use_lora: true)"
+        )
+    if not has_adapter_weights(path):
+        raise CheckpointError(
+            f"{path}: adapter_config.json but no adapter weights ({', '.join(ADAPTER_WEIGHT_FILES)})"
+        )

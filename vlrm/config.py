@@ -23,6 +23,8 @@ import yaml
 from transformers import HfArgumentParser
 from trl import RewardConfig
 
+from vlrm.lora import LoraArguments
+
 ConfigT = TypeVar("ConfigT")
 
 
@@ -113,7 +115,7 @@ class ModelDataArguments:
 
 
 @dataclass
-class TrainConfig(ModelDataArguments, RewardConfig):
+class TrainConfig(ModelDataArguments, LoraArguments, RewardConfig):
     """Everything `train_rm.py` reads: TRL's `RewardConfig` (and so every `TrainingArguments` field) plus the
     vision-language fields below.
 
@@ -228,6 +230,7 @@ class TrainConfig(ModelDataArguments, RewardConfig):
             self.activation_checkpointing, self.gradient_checkpointing = self.gradient_checkpointing, None
         super().__post_init__()
         self._check_model_data_arguments()
+        self._check_lora_arguments()
         if not self.model_name_or_path:
             raise ConfigError("model_name_or_path is required (a model directory or hub id).")
         self.dataset_path = _as_list(self.dataset_path)
@@ -355,6 +358,14 @@ def _describe(hint: Any) -> str:
     )
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_file_values(config_class: type, values: dict[str, Any], path: str | Path) -> dict[str, Any]:
     """Every file value against its key's declared type: argparse checks command-line values (and names the flag),
     but the file's values reach the dataclass as defaults, unchecked."""
@@ -366,6 +377,8 @@ def _check_file_values(config_class: type, values: dict[str, Any], path: str | P
             hint = ""
             if isinstance(value, bool) and _conform("no", hints[key]) is not _NOT_ALLOWED:
                 hint = " (YAML reads unquoted yes/no/on/off as true/false: quote the word, e.g. 'no')"
+            elif isinstance(value, str) and _conform(1.0, hints[key]) is not _NOT_ALLOWED and _is_number(value):
+                hint = " (YAML reads a number like 1e-5 without a dot as a string: write 1.0e-5)"
             raise ConfigError(
                 f"{path}: `{key}` must be {_describe(hints[key])}, got {value!r} ({type(value).__name__}){hint}."
             )

@@ -1,7 +1,15 @@
-"""Export a vlrm checkpoint for vLLM's pooling runner, as ``Qwen2_5_VLForSequenceClassification``.
+"""Export a vlrm checkpoint for vLLM's pooling runner, as ``Qwen2_5_VLForSequenceClassification``; merge a LoRA one.
 
     python -m vlrm.export outputs/run exports/run-vllm
     vllm serve exports/run-vllm --runner pooling          # then POST /pooling (or /classify), see the README
+    python -m vlrm.export --merge outputs/lora-run exports/lora-run-merged [--base_model_path DIR] [--dtype float32]
+    python -m vlrm.export exports/lora-run-merged exports/lora-run-vllm
+
+``--merge`` turns a vlrm LoRA checkpoint (``vlrm.lora``: adapters + score head) into a full standalone vlrm
+checkpoint: the base model with the adapters folded into its weights (``W + (alpha / r) B A``, peft's
+``merge_and_unload``), the trained head, the reward model's config and the processor. Its rewards are the adapter
+model's (to float round-off in float32; ``--dtype auto`` keeps the dtype the run trained in, where bf16 rounds the
+merged weights once), and it loads, evaluates and exports like any full checkpoint.
 
 A vlrm checkpoint already stores the weights under the names of a ``Qwen2_5_VLForConditionalGeneration`` checkpoint
 (``model.*`` for the language model, ``visual.*`` for the vision tower and merger) without ``lm_head``, plus a
@@ -63,6 +71,11 @@ def export_for_vllm(checkpoint_dir: str | Path, output_dir: str | Path) -> Path:
     and the processor. Raises ``ValueError`` when the weights are not named as vLLM's loader expects."""
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     check_loadable(checkpoint_dir)
+    if (checkpoint_dir / "adapter_config.json").is_file() and not any(checkpoint_dir.glob("model*.safetensors")):
+        raise ValueError(
+            f"{checkpoint_dir}: a LoRA checkpoint (adapter + head, no base weights); merge it first: python -m "
+            f"vlrm.export --merge {checkpoint_dir} MERGED_DIR, then python -m vlrm.export MERGED_DIR {output_dir}"
+        )
     names = weight_names(checkpoint_dir)
     unexpected = [name for name in names if not name.startswith(WEIGHT_PREFIXES)]
     if "score.weight" not in names or unexpected:
@@ -95,11 +108,59 @@ def export_for_vllm(checkpoint_dir: str | Path, output_dir: str | Path) -> Path:
     return output_dir
 
 
+def merge_adapter(
+    adapter_dir: str | Path, output_dir: str | Path, base_model_path: str | Path | None = None, dtype: str = "auto"
+) -> Path:
+    """Write ``output_dir``: a vlrm LoRA checkpoint merged into its base model (see the module docstring), a full
+    vlrm checkpoint. ``base_model_path``: the base when the one the adapter records is not reachable here; ``dtype``:
+    auto (the checkpoint config's), float32, bfloat16 or float16. Raises ``CheckpointError`` / ``ValueError``."""
+    import torch
+
+    from vlrm.lora import is_lora_checkpoint, load_lora_reward_model, resolve_base_model
+    from vlrm.scoring import load_processor
+
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    check_loadable(adapter_dir)
+    if not is_lora_checkpoint(adapter_dir):
+        raise ValueError(f"{adapter_dir}: not a vlrm LoRA checkpoint; a full checkpoint needs no merge")
+    base = resolve_base_model(adapter_dir, base_model_path)
+    model = load_lora_reward_model(
+        adapter_dir, base, merge=True, dtype=dtype if dtype == "auto" else getattr(torch, dtype)
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    load_processor(adapter_dir, base).save_pretrained(output_dir)
+    if (adapter_dir / "trainer_state.json").is_file():  # the step, for eval_rm.py's sweep
+        shutil.copy2(adapter_dir / "trainer_state.json", output_dir / "trainer_state.json")
+    return output_dir
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlrm.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint_dir", help="a vlrm checkpoint (a checkpoint-* dir or a run's final model)")
-    parser.add_argument("output_dir", help="where the vLLM-servable copy goes")
+    parser.add_argument("output_dir", help="where the vLLM-servable copy (with --merge: the merged checkpoint) goes")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="checkpoint_dir is a vlrm LoRA checkpoint: write it merged into its base model as a full vlrm "
+        "checkpoint (export that one for vLLM afterwards)",
+    )
+    parser.add_argument(
+        "--base_model_path", help="with --merge: the base model, when the one the adapter records is not found here"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="with --merge: dtype of the merged weights (auto: the one the checkpoint's config records)",
+    )
     arguments = parser.parse_args(argv)
+    if arguments.merge:
+        merged = merge_adapter(
+            arguments.checkpoint_dir, arguments.output_dir, arguments.base_model_path, arguments.dtype
+        )
+        print(f"merged into a full vlrm checkpoint: {merged}")
+        return 0
     print(f"exported for vLLM's pooling runner: {export_for_vllm(arguments.checkpoint_dir, arguments.output_dir)}")
     return 0
 

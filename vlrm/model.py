@@ -7,7 +7,10 @@ positions as ``reward_index`` directly, with its ``packed_layout``.
 Loads, with ``VLRewardModel.from_pretrained(path)``:
 - a reward model saved by vlrm (config + safetensors, ``architectures: ["VLRewardModel"]``);
 - a plain ``Qwen2_5_VLForConditionalGeneration`` checkpoint (Qwen2.5-VL 3B/7B/32B/72B, MiMo-VL-7B): ``lm_head`` is
-  dropped and the score head is initialised from the current seed.
+  dropped and the score head is initialised from the current seed;
+- a LoRA reward checkpoint saved by vlrm (``adapter_config.json`` with a ``vlrm`` entry, see ``vlrm.lora``): its base
+  model is loaded, the adapters and the trained head are applied and merged, and a plain ``VLRewardModel`` comes back
+  (``base_model_path=`` names the base when the recorded one is not reachable here).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel, Qwen2_5_VLPreTrainedModel
 from transformers.utils import ModelOutput
 
+from vlrm.lora import is_lora_checkpoint, load_lora_reward_model
 from vlrm.packing import packed_backbone_inputs
 
 # Checkpoints saved before transformers 4.52 keep `visual.*` and `model.layers.*` at the top level; load them the way
@@ -59,6 +63,15 @@ class VLRewardModel(Qwen2_5_VLPreTrainedModel):
         self.model = Qwen2_5_VLModel(config)
         self.score = nn.Linear(config.text_config.hidden_size, 1, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, base_model_path=None, **kwargs):
+        """Any checkpoint the module docstring lists; ``base_model_path`` is read for LoRA checkpoints only."""
+        if pretrained_model_name_or_path is not None and is_lora_checkpoint(pretrained_model_name_or_path):
+            if model_args or "config" in kwargs:
+                raise TypeError("a LoRA checkpoint loads with its own config: pass keyword arguments only")
+            return load_lora_reward_model(pretrained_model_name_or_path, base_model_path, merge=True, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -27,6 +27,7 @@ from transformers import AutoProcessor
 from vlrm.batching import PreferenceEncoder, make_collator, pad_branches, split_rewards
 from vlrm.checkpoints import CheckpointError, check_loadable
 from vlrm.data import _user_prompt
+from vlrm.lora import is_lora_checkpoint, load_lora_reward_model, resolve_base_model
 from vlrm.model import VLRewardModel
 from vlrm.packing import enable_packed_attention, pack_responses, prompt_key
 from vlrm.prepare import LENGTH_COLUMNS
@@ -124,18 +125,30 @@ class RewardScorer:
         """Load a checkpoint dir (config + weights, processor optional). ``dtype``: auto (as saved), bfloat16,
         float16 or float32; ``device``: default cuda when visible, else cpu; ``max_seq_length``: longer sequences
         are not scored (None: no limit, at the risk of running out of memory). Raises ``CheckpointError`` when the
-        dir cannot be loaded or lacks trained weights (a base VLM has no score head: its rewards would be random)."""
+        dir cannot be loaded or lacks trained weights (a base VLM has no score head: its rewards would be random).
+
+        A vlrm LoRA checkpoint (``vlrm.lora``) loads onto the base model it records, or onto ``base_model_path``
+        when that one is not reachable here, with its adapters unmerged: the computation training did. Its
+        processor, when the dir has none, is the base model's."""
         check_loadable(checkpoint_dir)
+        lora = is_lora_checkpoint(checkpoint_dir)
+        if lora:
+            base_model_path = resolve_base_model(checkpoint_dir, base_model_path)
+        dtype = dtype if dtype == "auto" else getattr(torch, dtype)
         try:
-            model, loading_info = VLRewardModel.from_pretrained(
-                checkpoint_dir,
-                dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-                attn_implementation=attn_implementation,
-                output_loading_info=True,
-            )
+            if lora:
+                model = load_lora_reward_model(
+                    checkpoint_dir, base_model_path, dtype=dtype, attn_implementation=attn_implementation
+                )
+            else:
+                model, loading_info = VLRewardModel.from_pretrained(
+                    checkpoint_dir, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
+                )
+        except CheckpointError:
+            raise
         except Exception as error:  # safetensors, torch and transformers each raise their own types for a bad file
             raise CheckpointError(f"{checkpoint_dir}: cannot load: {type(error).__name__}: {error}") from error
-        if loading_info["missing_keys"]:
+        if not lora and loading_info["missing_keys"]:
             missing = sorted(loading_info["missing_keys"])
             hint = " (no score head: a base model, not a trained reward model)" if "score.weight" in missing else ""
             raise CheckpointError(

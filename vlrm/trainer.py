@@ -2,7 +2,9 @@
 
 What changes from ``trl.RewardTrainer``: the data is already canonical rows and our collator runs the processor
 (so TRL's tokenisation step is skipped); the model returns one reward per branch, in the order documented in
-``vlrm.batching``; the loss adds the irrelevant-query term; checkpoints carry the processor.
+``vlrm.batching``; the loss adds the irrelevant-query term; checkpoints carry the processor; ``vit_lr`` /
+``aligner_lr`` become optimizer parameter groups; a LoRA model (``vlrm.lora``) saves its adapter with vlrm's config
+and marker, and resumes from one strictly.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from transformers import TrainerCallback
 from trl import RewardTrainer
 
 from vlrm.batching import split_rewards
+from vlrm.lora import is_lora_checkpoint, is_lora_model, load_adapter_weights, parameter_groups, write_lora_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +132,47 @@ class VLRewardTrainer(RewardTrainer):
         rewards = torch.cat(rewards)
         return rewards.mean().item(), rewards.std(unbiased=False).item(), len(rewards)
 
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the vision blocks and the merger in parameter groups of their own learning
+        rates when ``vit_lr`` / ``aligner_lr`` are set. DeepSpeed (without an `optimizer` block in its config) wraps
+        this optimizer and keeps its groups; the scheduler scales every group's rate alike."""
+        vit_lr, aligner_lr = getattr(self.args, "vit_lr", None), getattr(self.args, "aligner_lr", None)
+        if self.optimizer is not None or (vit_lr is None and aligner_lr is None):
+            return super().create_optimizer(model)
+        optimizer_model = self.model if model is None else model
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, optimizer_model)
+        if "params" in optimizer_kwargs or "model" in optimizer_kwargs:
+            raise ValueError(f"optim={self.args.optim} builds its own parameter groups: unset vit_lr and aligner_lr")
+        groups = parameter_groups(
+            optimizer_model,
+            self.args.learning_rate,
+            self.args.weight_decay,
+            self.get_decay_parameter_names(optimizer_model),
+            vit_lr,
+            aligner_lr,
+        )
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        logger.info(
+            "optimizer parameter groups: %s",
+            ", ".join(f"{group['name']}: {len(group['params'])} tensors at lr {group['lr']:g}" for group in groups),
+        )
+        return self.optimizer
+
     # transformers saves Qwen2.5-VL weights under their original (pre-4.52) names and converts them back only in
     # `from_pretrained`; the Trainer's own resume / best-model loading uses a non-strict `load_state_dict` on the
-    # raw file, which silently loads nothing but the score head. Load through `from_pretrained`, strictly.
+    # raw file, which silently loads nothing but the score head. Load through `from_pretrained`, strictly. A LoRA
+    # model loads its adapter and head strictly too: every key and no other, with the same LoRA settings.
     def _load_weights(self, checkpoint_dir: str) -> None:
         model = self.accelerator.unwrap_model(self.model)
+        if is_lora_model(model):
+            load_adapter_weights(model, checkpoint_dir)
+            return
+        if is_lora_checkpoint(checkpoint_dir):
+            raise ValueError(
+                f"{checkpoint_dir} is a LoRA checkpoint, but this run trains every weight: resume it with use_lora: "
+                "true and its LoRA settings, or start a full run from its merged export (python -m vlrm.export "
+                "--merge)"
+            )
         reloaded = type(model).from_pretrained(checkpoint_dir, dtype=next(model.parameters()).dtype)
         model.load_state_dict(reloaded.state_dict(), strict=True)
 
@@ -150,8 +189,12 @@ class VLRewardTrainer(RewardTrainer):
         self._load_weights(self.state.best_model_checkpoint)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
-        super()._save(output_dir, state_dict)
-        if self.processor is not None and self.args.should_save:
+        super()._save(output_dir, state_dict)  # a peft model writes its adapter and head only (under ZeRO-3 gathered)
+        if not self.args.should_save:
+            return
+        if is_lora_model(self.model):
+            write_lora_metadata(self.model, output_dir or self.args.output_dir)
+        if self.processor is not None:
             self.processor.save_pretrained(output_dir or self.args.output_dir)
 
 

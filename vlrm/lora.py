@@ -1,0 +1,542 @@
+"""LoRA reward models (peft): adapters on the backbone, the ``score`` head trained in full and saved with them.
+
+Train: the keys are ``LoraArguments``, part of every ``TrainConfig``:
+
+    python train_rm.py training_configs/tiny_lora.yaml                       # the CPU demo, LoRA r=16
+    python train_rm.py training_configs/tiny_demo.yaml --use_lora true --lora_r 16 --lora_alpha 32 --learning_rate 2e-3
+    ./run_distributed.sh --nnodes 2 ... --config training_configs/qwen72b_lora.yaml
+
+What trains: LoRA adapters (``B @ A``, rank ``lora_r``, scaled by ``lora_alpha / lora_r``; Hu et al. 2021) on every
+linear layer of the language model (or the ones ``lora_target_modules`` names), on the vision merger and blocks when
+``lora_vision`` asks, and the whole ``score`` head (peft's ``modules_to_save``: a random head has nothing for a
+low-rank update to adapt). Everything else is frozen. ``vit_lr`` / ``aligner_lr`` give the vision tower and the merger
+their own learning rates, with or without LoRA, as optimizer parameter groups (``parameter_groups``), which the HF
+Trainer, accelerate and DeepSpeed ZeRO-2/3 all keep.
+
+Checkpoints (every ``checkpoint-*`` and the final model) hold what is needed and nothing of the base model:
+
+    adapter_model.safetensors   the adapters and the score head (peft's names)
+    adapter_config.json         peft's LoraConfig, plus a ``vlrm`` entry: the format and the base model to load
+    config.json                 the reward model's config (architecture, pad id, reward_mean / reward_std)
+    processor files             as for full checkpoints
+
+Load, evaluate, export:
+
+    RewardScorer.from_pretrained("outputs/run/checkpoint-200")   # adapters on the base model, as trained
+    VLRewardModel.from_pretrained("outputs/run/checkpoint-200")  # the same, merged into a plain VLRewardModel
+    python eval_rm.py CONFIG                                     # sweeps adapter checkpoints like full ones
+    python -m vlrm.export --merge outputs/run exports/run-merged  # a full standalone vlrm checkpoint
+
+The base model is the one recorded in the adapter (``base_model_name_or_path``: an absolute path for a local dir, else
+the hub id). When that path is not reachable here (the run was trained on another machine), ``base_model_path`` (the
+argument, the eval config key, ``--base_model_path``) names it instead; the base's shapes are checked against the
+adapter's config before any weight is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from vlrm.checkpoints import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+MARKER = "vlrm"  # the key in adapter_config.json that says a vlrm reward adapter (with its head) is in the dir
+FORMAT = "vlrm-lora-reward-model"
+SCORE_HEAD = "score"
+# Module prefixes inside VLRewardModel (the same in every Qwen2.5-VL / MiMo-VL size).
+LANGUAGE_MODEL = "model.language_model."
+VISION_TOWER = "model.visual."
+MERGER = "model.visual.merger."
+# Config fields that decide the shapes of the weights an adapter was trained on.
+SHAPE_FIELDS = {
+    "text_config": (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "vocab_size",
+    ),
+    "vision_config": ("depth", "hidden_size", "intermediate_size", "out_hidden_size"),
+}  # fmt: skip
+
+
+@dataclass
+class LoraArguments:
+    """LoRA (peft) and per-part learning rates; ``TrainConfig`` inherits these fields."""
+
+    use_lora: bool = field(
+        default=False,
+        metadata={
+            "help": "Train LoRA adapters (peft) instead of every weight: the backbone is frozen, the adapters and the "
+            "whole `score` head train, and checkpoints hold only those (+ config and processor; see vlrm/lora.py)."
+        },
+    )
+    lora_r: int = field(
+        default=16,
+        metadata={"help": "LoRA rank: an adapted [out, in] weight gets r * (in + out) trainable parameters."},
+    )
+    lora_alpha: int = field(
+        default=32,
+        metadata={"help": "LoRA scale numerator: the update added to a weight is (lora_alpha / lora_r) B A."},
+    )
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "Dropout on the adapters' input. `disable_dropout` (default true) zeroes every dropout, this one "
+            "too: set disable_dropout: false to use it."
+        },
+    )
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Language-model linear layers that get adapters, by name: q_proj, k_proj, v_proj, o_proj, "
+            "gate_proj, up_proj, down_proj (in every layer). None: all of them."
+        },
+    )
+    lora_vision: Literal["none", "merger", "all"] = field(
+        default="none",
+        metadata={
+            "help": "Adapters in the vision tower too: `none` (it stays frozen), `merger` (the vision -> language "
+            "projection's linear layers), `all` (the merger and every vision block's linear layers; the patch "
+            "embedding, a convolution, stays frozen)."
+        },
+    )
+    vit_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the vision tower's patch embedding and blocks (their adapters with use_lora), "
+            "as ms-swift's vit_lr; the scheduler scales it like learning_rate. None: learning_rate."
+        },
+    )
+    aligner_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the merger, the vision -> language projection (its adapters with use_lora), "
+            "as ms-swift's aligner_lr. None: learning_rate."
+        },
+    )
+
+    def _check_lora_arguments(self) -> None:
+        """Combinations that cannot work raise; ones that silently do nothing warn. Call after the parent's
+        ``__post_init__`` (it reads the DeepSpeed config)."""
+        from vlrm.config import ConfigError
+
+        if self.lora_r < 1:
+            raise ConfigError(f"lora_r must be at least 1, got {self.lora_r}.")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.lora_target_modules is not None and not self.lora_target_modules:
+            raise ConfigError("lora_target_modules is empty: list layer names, or leave it null for all of them.")
+        for name in ("vit_lr", "aligner_lr"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive (or null for learning_rate), got {value}.")
+        freeze_vit = getattr(self, "freeze_vit", False)
+        if self.use_lora and freeze_vit and self.lora_vision == "all":
+            raise ConfigError(
+                "freeze_vit: true freezes the vision blocks, but lora_vision: all trains adapters in them: set "
+                "freeze_vit: false, or lora_vision: merger / none."
+            )
+        if not self.use_lora:
+            changed = [
+                item.name
+                for item in fields(LoraArguments)
+                if item.name.startswith("lora_") and getattr(self, item.name) != _default(item)
+            ]
+            if changed:
+                warnings.warn(
+                    f"{', '.join(changed)} set but use_lora is false: they have no effect (every weight trains). "
+                    "Set use_lora: true to train LoRA adapters.",
+                    stacklevel=3,
+                )
+        if self.use_lora and self.lora_dropout and getattr(self, "disable_dropout", False):
+            warnings.warn(
+                f"lora_dropout={self.lora_dropout} has no effect: disable_dropout: true (the default) zeroes every "
+                "dropout, the adapters' too. Set disable_dropout: false to use it.",
+                stacklevel=3,
+            )
+        vision_trains = self.lora_vision == "all" if self.use_lora else not freeze_vit
+        if self.vit_lr is not None and not vision_trains:
+            reason = "lora_vision is not `all`" if self.use_lora else "freeze_vit: true"
+            warnings.warn(f"vit_lr has no effect: the vision blocks do not train ({reason}).", stacklevel=3)
+        if self.aligner_lr is not None and self.use_lora and self.lora_vision == "none":
+            warnings.warn(
+                "aligner_lr has no effect: with use_lora and lora_vision: none the merger does not train (set "
+                "lora_vision: merger).",
+                stacklevel=3,
+            )
+        deepspeed_config = getattr(getattr(self, "hf_deepspeed_config", None), "config", None) or {}
+        if (self.vit_lr is not None or self.aligner_lr is not None) and "optimizer" in deepspeed_config:
+            raise ConfigError(
+                "vit_lr / aligner_lr are optimizer parameter groups of the Trainer's optimizer, but the DeepSpeed "
+                "config has an `optimizer` block: DeepSpeed then builds its own optimizer from one flat list of "
+                "parameters. Remove the block (ZeRO offload needs it: drop offload_optimizer too), or unset vit_lr "
+                "and aligner_lr."
+            )
+
+
+def _default(item) -> Any:
+    return item.default_factory() if callable(item.default_factory) else item.default
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building the peft model
+
+
+def reward_model_of(model: nn.Module) -> nn.Module:
+    """The ``VLRewardModel`` inside a peft model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_lora_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def linear_layer_names(model: nn.Module, target_modules: list[str] | None = None, vision: str = "none") -> list[str]:
+    """Full names (inside ``VLRewardModel``) of the linear layers that get adapters: the language model's (those whose
+    last name part is in ``target_modules``, or all), then the merger's (``vision`` merger / all) and the vision
+    blocks' (``vision`` all). Raises ``ValueError`` for a target name that matches no language-model layer."""
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    language = [name for name in linears if name.startswith(LANGUAGE_MODEL)]
+    if not language:
+        raise ValueError(f"{type(model).__name__} has no linear layers under {LANGUAGE_MODEL!r}: not a VLRewardModel?")
+    if target_modules is not None:
+        available = sorted({name.rsplit(".", 1)[-1] for name in language})
+        unknown = sorted(set(target_modules) - set(available))
+        if unknown:
+            raise ValueError(
+                f"lora_target_modules {unknown} match no linear layer of the language model; its layers are named "
+                f"{available}"
+            )
+        language = [name for name in language if name.rsplit(".", 1)[-1] in target_modules]
+    vision_prefix = {"none": None, "merger": MERGER, "all": VISION_TOWER}[vision]
+    vision_layers = [name for name in linears if vision_prefix and name.startswith(vision_prefix)]
+    return language + vision_layers
+
+
+def base_model_reference(name_or_path: str | None) -> str | None:
+    """What an adapter records as its base model: the absolute path of a local dir (the run's relative path would not
+    resolve from another working dir), else the hub id as given; None for a model built from a config."""
+    if not name_or_path:
+        return None
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(name_or_path)
+
+
+def apply_lora(model: nn.Module, config: LoraArguments) -> nn.Module:
+    """Wrap a ``VLRewardModel`` in a peft ``PeftModel``: LoRA adapters on ``linear_layer_names``, the ``score`` head
+    trained in full (``modules_to_save``), every other weight frozen. Call after loading (and after
+    ``enable_packed_attention``, which it keeps) and before the Trainer wraps the model; under ZeRO-3 the base weights
+    may already be partitioned (peft gathers the head to copy it)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:  # an install without the dependency: say how to fix it
+        raise ImportError("use_lora needs the peft package: pip install peft (or pip install -e .)") from error
+
+    targets = sorted(linear_layer_names(model, config.lora_target_modules, config.lora_vision))
+    lora_config = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        modules_to_save=[SCORE_HEAD],
+        bias="none",
+    )
+    with _quiet_peft():
+        peft_model = get_peft_model(model, lora_config)
+    # peft records the model's name_or_path as given (a relative path, often); saved checkpoints record this instead.
+    peft_model.peft_config["default"].base_model_name_or_path = base_model_reference(model.name_or_path)
+    return peft_model
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft still calls transformers' deprecated ``is_gradient_checkpointing``: a warning the user cannot act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters. Under ZeRO-3 a rank holds an empty placeholder per weight: ``ds_numel`` is the
+    full size. A peft model's total counts the frozen original of the score head as well as its trained copy."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        size = getattr(parameter, "ds_numel", parameter.numel())
+        total += size
+        trainable += size if parameter.requires_grad else 0
+    return trainable, total
+
+
+def lora_summary(model: nn.Module) -> str:
+    """One line for the log: rank, scale, where the adapters are and their parameter count, and the head's."""
+    peft_config = model.peft_config["default"]
+    adapters: dict[str, int] = {"language model": 0, "merger": 0, "vision blocks": 0}
+    layers: set[str] = set()
+    head = 0
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        size = getattr(parameter, "ds_numel", parameter.numel())
+        if ".lora_" in name:
+            part = (
+                "merger" if ".visual.merger." in name else "vision blocks" if ".visual." in name else "language model"
+            )
+            adapters[part] += size
+            layers.add(name.split(".lora_")[0])
+        else:
+            head += size
+    where = ", ".join(f"{part} {count:,}" for part, count in adapters.items() if count)
+    return (
+        f"LoRA r={peft_config.r}, alpha={peft_config.lora_alpha} on {len(layers)} linear layers: "
+        f"{sum(adapters.values()):,} adapter parameters ({where}); score head {head:,}"
+    )
+
+
+def parameter_groups(
+    model: nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    decay_parameter_names: list[str],
+    vit_lr: float | None = None,
+    aligner_lr: float | None = None,
+) -> list[dict]:
+    """Optimizer parameter groups of the trainable parameters: the rest (``learning_rate``), the vision blocks
+    (``vit_lr``) and the merger (``aligner_lr``), each split into weight decay / no decay as the HF Trainer splits
+    them. Parts are found by module, so the adapters inside a part belong to it. Empty groups are left out."""
+    visual = reward_model_of(model).model.visual
+    merger = {id(parameter) for parameter in visual.merger.parameters()}
+    vision = {id(parameter) for parameter in visual.parameters()} - merger
+    decay = set(decay_parameter_names)
+    # `rest` first: the Trainer logs the first group's rate as `learning_rate`.
+    rates = {"rest": learning_rate, "vision": vit_lr or learning_rate, "merger": aligner_lr or learning_rate}
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        part = "merger" if id(parameter) in merger else "vision" if id(parameter) in vision else "rest"
+        groups.setdefault((part, name in decay), []).append(parameter)
+    return [
+        {
+            "params": groups[part, decays],
+            "lr": rates[part],
+            "weight_decay": weight_decay if decays else 0.0,
+            "name": f"{part}{'' if decays else ' (no decay)'}",
+        }
+        for part in rates
+        for decays in (True, False)
+        if (part, decays) in groups
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints: what a vlrm adapter dir holds, and loading one
+
+
+def write_lora_metadata(model: nn.Module, output_dir: str | Path) -> None:
+    """After peft's ``save_pretrained``: the reward model's config.json, and the ``vlrm`` entry in adapter_config.json
+    that tells vlrm (``check_loadable``, the scorer, the export) that this adapter is a reward model with its head."""
+    output_dir = Path(output_dir)
+    reward_model_of(model).config.save_pretrained(output_dir)
+    adapter_config_path = output_dir / ADAPTER_CONFIG
+    values = json.loads(adapter_config_path.read_text())
+    values[MARKER] = {
+        "format": FORMAT,
+        "version": 1,
+        "base_model_name_or_path": values.get("base_model_name_or_path"),
+        "trained_in_full": [SCORE_HEAD],
+        "load": "vlrm.scoring.RewardScorer.from_pretrained(dir) or vlrm.model.VLRewardModel.from_pretrained(dir)",
+        "merge": "python -m vlrm.export --merge DIR OUTPUT_DIR",
+    }
+    adapter_config_path.write_text(json.dumps(values, indent=2, sort_keys=True))
+
+
+def read_lora_marker(path: str | Path) -> dict | None:
+    """The ``vlrm`` entry of ``path``/adapter_config.json, or None (no adapter, or not one vlrm saved)."""
+    adapter_config_path = Path(path) / ADAPTER_CONFIG
+    if not adapter_config_path.is_file():
+        return None
+    try:
+        marker = json.loads(adapter_config_path.read_text()).get(MARKER)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("format") == FORMAT else None
+
+
+def is_lora_checkpoint(path: str | Path) -> bool:
+    return read_lora_marker(path) is not None
+
+
+def _reachable(name_or_path: str) -> bool:
+    """A local model dir, or a hub id already in the local Hugging Face cache."""
+    path = Path(name_or_path).expanduser()
+    if (path / "config.json").is_file():
+        return True
+    if _is_local_path(name_or_path):
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(str(name_or_path), "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _is_local_path(name_or_path: str) -> bool:
+    text = str(name_or_path)
+    return text.startswith((".", "/", "~")) or Path(text).expanduser().exists() or text.count("/") != 1
+
+
+def resolve_base_model(adapter_dir: str | Path, base_model_path: str | Path | None = None) -> str:
+    """The base model to load an adapter onto: the one it records when reachable here, else ``base_model_path``, else
+    the recorded hub id (downloaded). Raises ``CheckpointError`` when none of them can be found."""
+    marker = read_lora_marker(adapter_dir)
+    if marker is None:
+        raise CheckpointError(f"{adapter_dir}: not a vlrm LoRA checkpoint (no `{MARKER}` entry in {ADAPTER_CONFIG})")
+    recorded = marker.get("base_model_name_or_path")
+    if recorded and _reachable(recorded):
+        if base_model_path is not None and base_model_reference(str(base_model_path)) != recorded:
+            logger.info(
+                "%s: loading onto its recorded base model %s (base_model_path %s is used only when that is not "
+                "reachable)", adapter_dir, recorded, base_model_path,
+            )  # fmt: skip
+        return recorded
+    if base_model_path is not None:
+        if _is_local_path(str(base_model_path)) and not _reachable(str(base_model_path)):
+            raise CheckpointError(
+                f"{adapter_dir}: base_model_path {base_model_path} is not a model dir (no config.json)"
+            )
+        return str(base_model_path)
+    if recorded and not _is_local_path(recorded):
+        return recorded  # a hub id not cached yet: from_pretrained downloads it
+    raise CheckpointError(
+        f"{adapter_dir}: a LoRA adapter for the base model {recorded}, which is not found here; set base_model_path "
+        "to that model (RewardScorer.from_pretrained(..., base_model_path=...), the eval config key base_model_path, "
+        "or --base_model_path for python -m vlrm.export --merge)"
+    )
+
+
+def _check_same_shapes(adapter_dir: Path, reward_config: Any, base: str) -> None:
+    """The base model's shapes are the adapter's, read from the two configs before any weight is."""
+    from transformers import AutoConfig
+
+    base_config = AutoConfig.from_pretrained(base)
+    differences = []
+    for part, names in SHAPE_FIELDS.items():
+        for name in names:
+            want = getattr(getattr(reward_config, part, None), name, None)
+            got = getattr(getattr(base_config, part, None), name, None)
+            if want != got:
+                differences.append(f"{part}.{name} {got} (adapter: {want})")
+    if differences:
+        raise CheckpointError(
+            f"{adapter_dir}: the base model {base} is not the one this adapter was trained on: "
+            + "; ".join(differences)
+        )
+
+
+@contextlib.contextmanager
+def _without_load_report():
+    """transformers' load report of the base model says the score head is missing and newly initialised: true of the
+    base, but the head comes from the adapter, and every other missing key is an error raised below."""
+    transformers_logger = logging.getLogger("transformers.modeling_utils")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+    transformers_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        transformers_logger.removeFilter(keep)
+
+
+def read_peft_config(adapter_dir: str | Path) -> Any:
+    """peft's config of a vlrm adapter (the ``vlrm`` entry left out, so peft reads it without a warning)."""
+    from peft import PeftConfig
+
+    values = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+    values.pop(MARKER, None)
+    return PeftConfig.from_peft_type(**values)
+
+
+def load_adapter_weights(model: nn.Module, checkpoint_dir: str | Path) -> None:
+    """Load a vlrm adapter checkpoint's weights into a peft model built with the same LoRA settings, strictly: every
+    adapter weight and the head, no other, of the same shapes. Raises ``ValueError`` with the differences."""
+    from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+
+    checkpoint_dir = Path(checkpoint_dir)
+    if not is_lora_checkpoint(checkpoint_dir):
+        raise ValueError(
+            f"{checkpoint_dir} is not a vlrm LoRA checkpoint (no {ADAPTER_CONFIG} with a `{MARKER}` entry): a LoRA "
+            "run resumes from one of its own checkpoints"
+        )
+    saved, live = read_peft_config(checkpoint_dir), model.peft_config["default"]
+    for name in ("r", "lora_alpha", "use_rslora"):  # the same weight shapes could still scale differently
+        if getattr(saved, name) != getattr(live, name):
+            raise ValueError(
+                f"{checkpoint_dir} was trained with {name}={getattr(saved, name)}, this model has "
+                f"{name}={getattr(live, name)}: use the checkpoint's LoRA settings"
+            )
+    weights = load_peft_weights(str(checkpoint_dir), device="cpu")
+    expected = set(get_peft_model_state_dict(model))
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{checkpoint_dir}: adapter weights do not match this model's adapters (other lora_target_modules or "
+            f"lora_vision?): missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    result = set_peft_model_state_dict(model, weights)
+    if result.unexpected_keys:
+        raise ValueError(f"{checkpoint_dir}: weights peft could not place: {result.unexpected_keys[:5]}")
+
+
+def load_lora_reward_model(
+    adapter_dir: str | Path,
+    base_model_path: str | Path | None = None,
+    merge: bool = False,
+    dtype: Any = "auto",
+    output_loading_info: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """A vlrm adapter checkpoint on its base model (``resolve_base_model``), in eval mode: a peft model computing
+    exactly what training computed, or with ``merge`` the adapters folded into a plain ``VLRewardModel``
+    (peft's ``merge_and_unload``, checked for NaN). ``kwargs`` go to the base model's ``from_pretrained``
+    (``attn_implementation``...). The reward model's config (reward statistics, pad id) is the adapter dir's."""
+    from peft import PeftModel
+    from transformers import Qwen2_5_VLConfig
+
+    from vlrm.model import VLRewardModel
+
+    adapter_dir = Path(adapter_dir)
+    base = resolve_base_model(adapter_dir, base_model_path)
+    reward_config = Qwen2_5_VLConfig.from_pretrained(adapter_dir)
+    _check_same_shapes(adapter_dir, reward_config, base)
+    with _without_load_report():
+        model, loading_info = VLRewardModel.from_pretrained(
+            base, config=reward_config, dtype=dtype, output_loading_info=True, **kwargs
+        )
+    missing = sorted(set(loading_info["missing_keys"]) - {f"{SCORE_HEAD}.weight"})  # the head is in the adapter
+    if missing:
+        raise CheckpointError(f"{adapter_dir}: its base model {base} lacks weights: {', '.join(missing[:5])}")
+    with _quiet_peft():
+        peft_model = PeftModel(model, read_peft_config(adapter_dir))
+    load_adapter_weights(peft_model, adapter_dir)
+    peft_model.eval()
+    result = peft_model
+    if merge:
+        result = peft_model.merge_and_unload(safe_merge=True)
+        # The merged model is this checkpoint, not its base: an adapter trained on top of it records this dir.
+        result.name_or_path = result.config._name_or_path = str(adapter_dir.resolve())
+    if output_loading_info:
+        return result, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    return result
