@@ -38,14 +38,34 @@ VL_REWARDBENCH_CATEGORIES = {
 # its table before quoting it (the VL-RewardBench abstract itself gives GPT-4o 65.4% overall).
 REFERENCE_RESULTS: dict[str, list[dict[str, Any]]] = {
     VL_REWARDBENCH: [
-        {"model": "Skywork-VL-Reward-7B", "overall": 73.1, "macro": 69.0, "source": "arXiv 2505.07263, VL-RewardBench table"},
-        {"model": "IXC-2.5-Reward-7B", "overall": None, "macro": 70.0, "source": "arXiv 2501.12368, VL-RewardBench table"},
+        {
+            "model": "Skywork-VL-Reward-7B",
+            "overall": 73.1,
+            "macro": 69.0,
+            "source": "arXiv 2505.07263, VL-RewardBench table",
+        },
+        {
+            "model": "IXC-2.5-Reward-7B",
+            "overall": None,
+            "macro": 70.0,
+            "source": "arXiv 2501.12368, VL-RewardBench table",
+        },
         {"model": "GPT-4o", "overall": 65.8, "macro": 62.4, "source": "arXiv 2505.07263, VL-RewardBench table"},
-        {"model": "Qwen2.5-VL-72B", "overall": 51.6, "macro": 52.7, "source": "arXiv 2505.07263, VL-RewardBench table"},
+        {
+            "model": "Qwen2.5-VL-72B",
+            "overall": 51.6,
+            "macro": 52.7,
+            "source": "arXiv 2505.07263, VL-RewardBench table",
+        },
     ],
     MULTIMODAL_REWARDBENCH: [
         {"model": "Gemini 1.5 Pro", "overall": 72.0, "macro": None, "source": "arXiv 2502.14191, abstract (rounded)"},
-        {"model": "Claude 3.5 Sonnet", "overall": 72.0, "macro": None, "source": "arXiv 2502.14191, abstract (rounded)"},
+        {
+            "model": "Claude 3.5 Sonnet",
+            "overall": 72.0,
+            "macro": None,
+            "source": "arXiv 2502.14191, abstract (rounded)",
+        },
     ],
     MM_RLHF_REWARDBENCH: [],  # none shipped yet: add them with their table's source
 }

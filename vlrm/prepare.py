@@ -228,7 +228,9 @@ def _generate(shards: list, rows: RawRows, encoder: Any, settings: DataSettings,
             try:
                 row = prepared_row(raw, index, rows, encoder, settings.benchmark)
             except UnsupportedRow as unsupported:
-                left_out.append(["unsupported", f"row {index} `{unsupported.field_name}`: {unsupported.reason}", repeat])
+                left_out.append(
+                    ["unsupported", f"row {index} `{unsupported.field_name}`: {unsupported.reason}", repeat]
+                )
                 continue
             except RowProblem as problem:
                 if settings.on_bad_sample != "skip":

@@ -122,5 +122,7 @@ class VLRewardFunction:
 
     def __call__(self, prompts: Sequence, completions: Sequence, **columns: Any) -> list[float]:
         columns = {key: value for key, value in columns.items() if key in ("image", "images")}
-        rewards = self.scorer.score(self.rows(prompts, completions, **columns), self.batch_size, normalize=self.normalize)
+        rewards = self.scorer.score(
+            self.rows(prompts, completions, **columns), self.batch_size, normalize=self.normalize
+        )
         return [self.nan_reward if np.isnan(reward) else float(reward) for reward in rewards]
