@@ -9,9 +9,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import pytest
+import torch
 from transformers import AutoProcessor
 
 from vlrm.batching import PreferenceEncoder
+from vlrm.model import VLRewardModel
 from vlrm.synthetic import make_synthetic_dataset
 from vlrm.tiny import build_tiny_model_dir
 
@@ -43,6 +45,24 @@ def synthetic_dir(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("synthetic")
     make_synthetic_dataset(output_dir, num_train=48, num_eval=24, seed=0, image_size=56)  # 4 visual tokens: fast tests
     return output_dir
+
+
+@pytest.fixture(scope="session")
+def save_reward_checkpoint(tiny_model_dir, processor):
+    """``save(path, seed=0, **config)``: the tiny backbone with a score head drawn from ``seed`` (so checkpoints of
+    different seeds score differently), ``config`` values set on its config (e.g. reward_mean), and the processor."""
+
+    def save(path, seed: int = 0, **config):
+        model = VLRewardModel.from_pretrained(tiny_model_dir)
+        with torch.no_grad():
+            model.score.weight.normal_(generator=torch.Generator().manual_seed(seed))
+        for name, value in config.items():
+            setattr(model.config, name, value)
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        return Path(path)
+
+    return save
 
 
 @pytest.fixture(scope="session")

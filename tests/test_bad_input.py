@@ -17,7 +17,6 @@ from PIL import Image
 from vlrm.batching import open_image
 from vlrm.config import ConfigError, TrainConfig, load_config
 from vlrm.data import BadSampleError, to_rgb
-from vlrm.model import VLRewardModel
 from vlrm.prepare import load_preference_dataset
 from vlrm.scoring import RewardScorer
 
@@ -25,14 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_model_dir, processor):
-    path = tmp_path_factory.mktemp("run") / "checkpoint-1"
-    model = VLRewardModel.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        model.score.weight.normal_(generator=torch.Generator().manual_seed(0))
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+def checkpoint(tmp_path_factory, save_reward_checkpoint):
+    return save_reward_checkpoint(tmp_path_factory.mktemp("run") / "checkpoint-1", seed=0)
 
 
 def _write_jsonl(path, rows):

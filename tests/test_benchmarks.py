@@ -7,11 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from vlrm.metrics import bias_diagnostics, evaluate_pairs
-from vlrm.model import VLRewardModel
 from vlrm.prepare import load_preference_dataset
 from vlrm.scoring import RewardScorer
 
@@ -117,14 +115,10 @@ def test_bias_diagnostics_by_hand():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_model_dir, processor):
+def run_dir(tmp_path_factory, save_reward_checkpoint):
     run = tmp_path_factory.mktemp("bench_run") / "run"
-    model = VLRewardModel.from_pretrained(tiny_model_dir)
     for step in (1, 2):
-        with torch.no_grad():
-            model.score.weight.normal_(generator=torch.Generator().manual_seed(step))
-        model.save_pretrained(run / f"checkpoint-{step}")
-        processor.save_pretrained(run / f"checkpoint-{step}")
+        save_reward_checkpoint(run / f"checkpoint-{step}", seed=step)
     return run
 
 

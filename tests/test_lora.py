@@ -8,9 +8,7 @@ in tests/test_distributed.py.
 
 import json
 import re
-import runpy
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from safetensors import safe_open
 from transformers import Qwen2_5_VLConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from tests.test_train import run_train as train_rm_run
 from vlrm import export
 from vlrm.batching import make_collator
 from vlrm.checkpoints import CheckpointError, check_loadable, find_checkpoints, weights_mtime
@@ -51,24 +50,8 @@ LORA_FLAGS = [
 
 
 def run_train(tmp_path, tiny_model_dir, synthetic_dir, *overrides):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"model_name_or_path: {tiny_model_dir}\n"
-        f"dataset_path: {synthetic_dir / 'train.jsonl'}\n"
-        f"eval_dataset_path: {synthetic_dir / 'eval.jsonl'}\n"
-        f"output_dir: {tmp_path / 'out'}\n"
-        f"log_dir: {tmp_path / 'logs'}\n"
-        f"per_device_train_batch_size: 4\nper_device_eval_batch_size: 8\nlearning_rate: {LEARNING_RATE}\n"
-        "max_steps: 4\nlogging_steps: 1\nsave_strategy: steps\nsave_steps: 2\neval_strategy: 'no'\n"
-        "bf16: false\nuse_cpu: true\nseed: 7\nmax_seq_length: 512\nreport_to: none\nreward_stats_samples: 16\n"
-    )
-    argv = sys.argv
-    sys.argv = ["train_rm.py", str(config), *overrides]
-    try:
-        return runpy.run_path(str(ROOT / "train_rm.py"), run_name="__main__")
-    finally:
-        sys.argv = argv
+    """tests/test_train.py's 4-step run (learning rate LEARNING_RATE), with a smaller reward-statistics sample."""
+    return train_rm_run(tmp_path, tiny_model_dir, synthetic_dir, "--reward_stats_samples", "16", *overrides)
 
 
 def losses(output_dir) -> dict[int, float]:

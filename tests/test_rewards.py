@@ -6,7 +6,6 @@ import random
 import datasets
 import numpy as np
 import pytest
-import torch
 from safetensors import safe_open
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 from trl import GRPOConfig, GRPOTrainer
@@ -22,15 +21,9 @@ from vlrm.synthetic import draw_shapes
 
 
 @pytest.fixture(scope="module")
-def reward_checkpoint(tmp_path_factory, tiny_model_dir, processor):
+def reward_checkpoint(tmp_path_factory, save_reward_checkpoint):
     path = tmp_path_factory.mktemp("reward") / "final"
-    model = VLRewardModel.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        model.score.weight.normal_(generator=torch.Generator().manual_seed(3))
-    model.config.reward_mean, model.config.reward_std = 0.25, 2.0
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_reward_checkpoint(path, seed=3, reward_mean=0.25, reward_std=2.0)
 
 
 def _shapes(index):

@@ -21,12 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import uvicorn
 from PIL import Image
 
 from vlrm.data import _user_prompt
-from vlrm.model import VLRewardModel
 from vlrm.scoring import RewardScorer
 from vlrm.server import ServerSettings, create_app
 
@@ -41,24 +39,13 @@ LIMITS = {"max_items": 8, "max_images": 2, "max_pixels_per_image": 100_000, "max
 # Checkpoints, images, servers
 
 
-def _save_checkpoint(path: Path, tiny_model_dir: Path, processor, reward_stats: bool) -> Path:
-    model = VLRewardModel.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        model.score.weight.normal_(generator=torch.Generator().manual_seed(0))
-    if reward_stats:
-        model.config.reward_mean, model.config.reward_std = REWARD_MEAN, REWARD_STD
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, tiny_model_dir, processor):
+def checkpoints(tmp_path_factory, save_reward_checkpoint):
     """``stats``: reward_mean/reward_std in its config and a trainer_state.json (step 7); ``plain``: neither."""
     base = tmp_path_factory.mktemp("server_checkpoints")
-    stats = _save_checkpoint(base / "stats" / "checkpoint-7", tiny_model_dir, processor, reward_stats=True)
+    stats = save_reward_checkpoint(base / "stats" / "checkpoint-7", reward_mean=REWARD_MEAN, reward_std=REWARD_STD)
     (stats / "trainer_state.json").write_text(json.dumps({"global_step": 7, "max_steps": 10}))
-    plain = _save_checkpoint(base / "plain" / "run", tiny_model_dir, processor, reward_stats=False)
+    plain = save_reward_checkpoint(base / "plain" / "run")
     return {"stats": stats, "plain": plain}
 
 
