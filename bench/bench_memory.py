@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -284,11 +283,7 @@ def print_shapes(ranks: list[int]) -> None:
 
 
 def run_worker(argv: list[str], *worker: str) -> dict:
-    completed = subprocess.run([sys.executable, __file__, *argv, "--worker", *worker], capture_output=True, text=True)
-    if completed.returncode:
-        sys.stderr.write(completed.stderr)
-        raise SystemExit(f"worker {' '.join(worker)} failed")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return bench_packing.run_worker(argv, *worker, script=__file__)
 
 
 def main(argv=None) -> None:

@@ -283,8 +283,9 @@ def memory_worker(args, mode: str, layout: str) -> dict:
 # Driver
 
 
-def run_worker(argv: list[str], *worker: str) -> dict:
-    completed = subprocess.run([sys.executable, __file__, *argv, "--worker", *worker], capture_output=True, text=True)
+def run_worker(argv: list[str], *worker: str, script: str = __file__) -> dict:
+    """``script --worker ...`` in a fresh process (its peak RSS is its own); the last stdout line is its JSON."""
+    completed = subprocess.run([sys.executable, script, *argv, "--worker", *worker], capture_output=True, text=True)
     if completed.returncode:
         sys.stderr.write(completed.stderr)
         raise SystemExit(f"worker {' '.join(worker)} failed")

@@ -12,7 +12,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from vlrm.batching import PreferenceEncoder
 from vlrm.checkpoints import CheckpointError
-from vlrm.data import _user_prompt
+from vlrm.data import user_prompt
 from vlrm.export import export_for_vllm, reward_text, weight_names
 from vlrm.model import VLRewardModel
 from vlrm.rewards import VLRewardFunction
@@ -136,7 +136,7 @@ def test_export_for_vllm_names_the_architecture_and_keeps_the_weights(tmp_path, 
     encoder = PreferenceEncoder(processor)
     ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert text.endswith("<|im_end|>") and ids[-1] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert ids == encoder.encode_prompt(_user_prompt("Colour?", 0), []).input_ids + encoder.encode_response("Green.")
+    assert ids == encoder.encode_prompt(user_prompt("Colour?", 0), []).input_ids + encoder.encode_response("Green.")
 
 
 def test_export_refuses_a_model_without_a_score_head(tmp_path, tiny_model_dir):

@@ -24,7 +24,7 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from vlrm.data import _user_prompt
+from vlrm.data import user_prompt
 from vlrm.scoring import RewardScorer
 from vlrm.server import ServerSettings, create_app
 
@@ -253,7 +253,7 @@ def test_get_reward_splits_chat_text_or_prompts_and_equals_the_scorer(server, im
 
 
 def _user_prompt_of(prompt, num_images):
-    return _user_prompt(prompt, num_images) if isinstance(prompt, str) else prompt
+    return user_prompt(prompt, num_images) if isinstance(prompt, str) else prompt
 
 
 def test_health_and_info(server, checkpoints, images):

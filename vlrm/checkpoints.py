@@ -140,3 +140,9 @@ def _check_adapter(path: Path) -> None:
         raise CheckpointError(
             f"{path}: adapter_config.json but no adapter weights ({', '.join(ADAPTER_WEIGHT_FILES)})"
         )
+
+
+def checkpoint_step(checkpoint_dir: str | Path) -> int | None:
+    """``global_step`` of the checkpoint's trainer_state.json, else the step its name ends with, else None."""
+    state = _trainer_state(Path(checkpoint_dir))
+    return int(state["global_step"]) if "global_step" in state else parse_step(Path(checkpoint_dir).name)

@@ -306,7 +306,7 @@ def _assistant_text(value: Any, field_name: str) -> str:
     return _text("".join(texts), field_name)
 
 
-def _user_prompt(question: str, num_images: int) -> list[dict]:
+def user_prompt(question: str, num_images: int) -> list[dict]:
     """A single user turn; ``<image>`` markers place the images, else they go before the text."""
     parts: list[dict] = []
     if IMAGE_MARKER in question:
@@ -373,7 +373,7 @@ def map_row(raw: dict[str, Any], benchmark: str | None = None) -> dict[str, Any]
             _, rejected = _llava_turns(raw["rejected_conversations"], "rejected_conversations")
         else:
             rejected = _assistant_text(raw.get("rejected"), "rejected")
-        prompt = _user_prompt(question, len(images))
+        prompt = user_prompt(question, len(images))
     elif "response" in raw and "human_ranking" in raw:  # VL-RewardBench
         responses, ranking = _as_list(raw["response"]), _as_list(raw["human_ranking"])
         if len(responses) != 2 or len(ranking) != 2:
@@ -385,7 +385,7 @@ def map_row(raw: dict[str, Any], benchmark: str | None = None) -> dict[str, Any]
             category = benchmarks.vl_rewardbench_category(raw)
         chosen = _text(responses[best], "response")
         rejected = _text(responses[1 - best], "response")
-        prompt = _user_prompt(_text(raw.get("query"), "query"), len(images))
+        prompt = user_prompt(_text(raw.get("query"), "query"), len(images))
     else:
         if "chosen" not in raw:
             raise RowProblem("chosen", "missing (no known layout matched the row's fields: " + ", ".join(raw) + ")")
@@ -398,7 +398,7 @@ def map_row(raw: dict[str, Any], benchmark: str | None = None) -> dict[str, Any]
             raise RowProblem("question", f"missing: one of {', '.join(QUESTION_KEYS)} is needed")
         question = raw[question_key]
         if isinstance(question, str):
-            prompt = _user_prompt(_text(question, question_key), len(images))
+            prompt = user_prompt(_text(question, question_key), len(images))
         elif isinstance(question, (list, tuple)) or hasattr(question, "tolist"):
             prompt = _normalise_messages(_as_list(question), question_key)
         else:

@@ -50,11 +50,11 @@ def reward_text(processor: Any, prompt: list[dict] | str, response: str) -> str:
     """The exact text whose last token carries the reward: the rendered prompt, the response, ``<|im_end|>`` and
     nothing after it (images appear as the processor's image placeholders)."""
     from vlrm.batching import PreferenceEncoder
-    from vlrm.data import _user_prompt
+    from vlrm.data import user_prompt
 
     encoder = PreferenceEncoder(processor)
     if isinstance(prompt, str):
-        prompt = _user_prompt(prompt, 0)
+        prompt = user_prompt(prompt, 0)
     return encoder.prompt_text(prompt) + response + encoder.end_of_turn
 
 

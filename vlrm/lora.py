@@ -2,9 +2,9 @@
 
 Train: the keys are ``LoraArguments``, part of every ``TrainConfig``:
 
-    python train_rm.py training_configs/tiny_lora.yaml                       # the CPU demo, LoRA r=16
-    python train_rm.py training_configs/tiny_demo.yaml --use_lora true --lora_r 16 --lora_alpha 32 --learning_rate 2e-3
-    ./run_distributed.sh --nnodes 2 ... --config training_configs/qwen72b_lora.yaml
+    python train_rm.py training_configs/tiny_demo.yaml --use_lora true --lora_r 16 --lora_alpha 32 \
+        --lora_vision merger --learning_rate 1e-3 --output_dir outputs/tiny_lora     # the CPU demo, LoRA r=16
+    ./run_distributed.sh --gpus 8 --config training_configs/72b_lora.yaml             # Qwen2.5-VL-72B, one node
 
 What trains: LoRA adapters (``B @ A``, rank ``lora_r``, scaled by ``lora_alpha / lora_r``; Hu et al. 2021) on every
 linear layer of the language model (or the ones ``lora_target_modules`` names), on the vision merger and blocks when

@@ -560,7 +560,7 @@ def pair_tokens(length: tuple[int, int, int], num_irrelevant: int = 0, packing: 
     """Tokens one pair adds to a micro-batch: packed, its prompt once plus its branches; padded, one row per branch,
     each as long as the prompt plus the longer response. The size transformers' length-aware samplers
     (``train_sampling_strategy: group_by_length | batch_rebalance``) read from the dataset's length column;
-    ``length`` is one entry of ``vlrm.batching.pair_lengths``."""
+    ``length`` is one entry of ``vlrm.prepare.pair_lengths``."""
     if packing:
         return packed_tokens([length], num_irrelevant)
     prompt_length, chosen_length, rejected_length = length

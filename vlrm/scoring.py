@@ -26,7 +26,7 @@ from transformers import AutoProcessor
 
 from vlrm.batching import PreferenceEncoder, make_collator, pad_branches, split_rewards
 from vlrm.checkpoints import CheckpointError, check_loadable
-from vlrm.data import _user_prompt
+from vlrm.data import user_prompt
 from vlrm.lora import is_lora_checkpoint, load_lora_reward_model, resolve_base_model
 from vlrm.model import VLRewardModel
 from vlrm.packing import enable_packed_attention, pack_responses, prompt_key
@@ -250,9 +250,12 @@ class RewardScorer:
         for row in rows:
             images = list(row.get("images") or [])
             prompt = row["prompt"]
-            messages = _user_prompt(prompt, len(images)) if isinstance(prompt, str) else prompt
+            messages = user_prompt(prompt, len(images)) if isinstance(prompt, str) else prompt
             sequences.append((messages, images, self.encoder.encode_response(row["response"])))
-        lengths = [self.encoder.prompt_length(messages, images) + len(ids) for messages, images, ids in sequences]
+        lengths = [  # tokenizing each prompt once more is only worth it when there is a limit to check
+            0 if self.max_seq_length is None else self.encoder.prompt_length(messages, images) + len(ids)
+            for messages, images, ids in sequences
+        ]
         too_long = self._over_limit(lengths)
         self._warn_overlong(
             [(i, tokens) for i, (tokens, over) in enumerate(zip(lengths, too_long, strict=True)) if over], "rows"

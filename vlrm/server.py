@@ -41,8 +41,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlrm.batching import PreferenceEncoder
-from vlrm.checkpoints import _trainer_state, parse_step
-from vlrm.data import _user_prompt, to_rgb
+from vlrm.checkpoints import checkpoint_step
+from vlrm.data import to_rgb, user_prompt
 from vlrm.scoring import RewardScorer
 
 logger = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ def _text(value: Any, item: int, field_name: str) -> str:
 def _messages(prompt: Any, num_images: int, item: int, field_name: str) -> list[dict]:
     """A question string (``<image>`` markers place the images) or chat messages -> validated chat messages."""
     if isinstance(prompt, str):
-        return _user_prompt(_text(prompt, item, field_name), num_images)
+        return user_prompt(_text(prompt, item, field_name), num_images)
     if not isinstance(prompt, list) or not prompt:
         raise RequestError(
             f"expected a question string or a non-empty list of {{role, content}} messages, got {_kind(prompt)}",
@@ -611,12 +611,6 @@ def _resolve(pending: _Pending, rewards: np.ndarray | None = None, exception: Ex
 
 # ----------------------------------------------------------------------------------------------------------------
 # The app
-
-
-def checkpoint_step(checkpoint_dir: str | Path) -> int | None:
-    """``global_step`` of the checkpoint's trainer_state.json, else the step its name ends with, else None."""
-    state = _trainer_state(Path(checkpoint_dir))
-    return int(state["global_step"]) if "global_step" in state else parse_step(Path(checkpoint_dir).name)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
