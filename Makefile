@@ -18,7 +18,7 @@ $(STAMP): setup.py
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-$(TINY_MODEL)/config.json: vlrm/tiny.py | $(STAMP)
+$(TINY_MODEL)/config.json: vlrm/tiny/qwen.py | $(STAMP)
 	$(PY) -m vlrm.tiny --output_dir $(TINY_MODEL)
 
 $(SYNTHETIC)/train.jsonl: vlrm/synthetic.py | $(STAMP)

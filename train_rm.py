@@ -28,14 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from transformers import AutoProcessor, set_seed
+from transformers import AutoConfig, AutoProcessor, set_seed
 
-from vlrm.batching import PreferenceEncoder, make_collator
+from vlrm.batching import PreferenceEncoder
 from vlrm.config import TrainConfig, config_to_dict, load_config
+from vlrm.families import family_of
 from vlrm.irrelevant import EpochCallback, IrrelevantPairSampler, IrrelevantQueryCollator, with_row_index
 from vlrm.lora import apply_lora, count_parameters, lora_summary
 from vlrm.model import VLRewardModel
-from vlrm.packing import enable_packed_attention, pair_tokens
+from vlrm.packing import enable_packed_attention, make_collator, pair_tokens
 from vlrm.prepare import pair_lengths, peak_memory_gb, prepare_training_data
 from vlrm.scoring import apply_pixel_limits
 from vlrm.trainer import LogFileCallback, VLRewardTrainer
@@ -76,6 +77,13 @@ set_seed(config.seed)
 # ----------------------------------------------------------------------------------------------------------------
 # Processor and data
 
+family = family_of(AutoConfig.from_pretrained(config.model_name_or_path))
+if config.packing and not family.packed:
+    logger.warning(
+        "%s (%s): no packed layout, training with the padded layout (%s)", config.model_name_or_path, family.title,
+        family.padded_reason,
+    )  # fmt: skip
+    config.packing = False
 processor = AutoProcessor.from_pretrained(config.model_name_or_path)
 apply_pixel_limits(processor, config.min_pixels, config.max_pixels)  # saved with every checkpoint
 encoder = PreferenceEncoder(processor)
@@ -116,10 +124,12 @@ if config.use_lora:
     model = apply_lora(model, config)
 trainable, total = count_parameters(model)  # ZeRO-3 placeholders counted at their full size
 logger.info(
-    "model: %s, %s trainable of %s parameters (%.3f%%)%s",
-    config.model_name_or_path, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
-    f"; {lora_summary(model)}" if config.use_lora else "",
+    "model: %s (%s, %s layout), %s trainable of %s parameters (%.3f%%)%s",
+    config.model_name_or_path, family.title, "packed" if config.packing else "padded", f"{trainable:,}", f"{total:,}",
+    100 * trainable / total, f"; {lora_summary(model)}" if config.use_lora else "",
 )  # fmt: skip
+if family.moe_note:
+    logger.info("%s: %s", family.title, family.moe_note)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Collators: each pair's prompt with its chosen and rejected branches (+ irrelevant-query branches)

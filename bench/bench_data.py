@@ -173,7 +173,7 @@ def run_torchrun(data: Path, work: Path, args) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000], help="pairs per set")
     parser.add_argument("--num_proc", type=int, default=2, help="preparation processes")
@@ -185,40 +185,32 @@ def main() -> None:
     parser.add_argument("--measure", choices=sorted(MEASURES), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--cache_dir", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.measure:
-        print(json.dumps(MEASURES[args.measure](Path(args.data), args)))
-        return
+    return parser.parse_args()
 
-    work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    if args.model_dir is None:
-        from vlrm.tiny import build_tiny_model_dir
 
-        args.model_dir = work / "tiny-qwen2.5-vl"
-        if not (args.model_dir / "config.json").exists():
-            build_tiny_model_dir(args.model_dir)
-    results = {}
-    for size in args.sizes:
-        data = work / f"pairs_{size}.parquet"
-        if not data.exists():
-            started = time.perf_counter()
-            write_set(data, size, args.image_size, distinct=256, seed=size)
-            print(f"wrote {data} ({data.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - started:.0f} s")
-        cache = work / f"cache_{size}"
+def measure_size(size: int, work: Path, args: argparse.Namespace) -> dict:
+    """Decode floor, cold and warm preparation (and a torchrun start) on a set of ``size`` pairs."""
+    data = work / f"pairs_{size}.parquet"
+    if not data.exists():
+        started = time.perf_counter()
+        write_set(data, size, args.image_size, distinct=256, seed=size)
+        print(f"wrote {data} ({data.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - started:.0f} s")
+    cache = work / f"cache_{size}"
+    shutil.rmtree(cache, ignore_errors=True)
+    result = {"pairs": size, "file_mb": data.stat().st_size / 2**20}
+    result["decode"] = run_measure("decode", data, args)
+    result["cold"] = run_measure("prepare", data, args, cache_dir=cache)
+    result["warm"] = run_measure("prepare", data, args, cache_dir=cache)
+    assert not result["cold"]["cache_hit"] and result["warm"]["cache_hit"]
+    if not args.skip_torchrun:
+        result["torchrun"] = run_torchrun(data, work, args)
+    print(f"N={size}: done", flush=True)
+    if not args.keep:
         shutil.rmtree(cache, ignore_errors=True)
-        result = {"pairs": size, "file_mb": data.stat().st_size / 2**20}
-        result["decode"] = run_measure("decode", data, args)
-        result["cold"] = run_measure("prepare", data, args, cache_dir=cache)
-        result["warm"] = run_measure("prepare", data, args, cache_dir=cache)
-        assert not result["cold"]["cache_hit"] and result["warm"]["cache_hit"]
-        if not args.skip_torchrun:
-            result["torchrun"] = run_torchrun(data, work, args)
-        results[size] = result
-        print(f"N={size}: done", flush=True)
-        if not args.keep:
-            shutil.rmtree(cache, ignore_errors=True)
+    return result
 
+
+def print_table(results: dict, args: argparse.Namespace) -> None:
     header = (
         f"{'pairs':>7} {'file MB':>8} {'decode r/s':>10} {'cold r/s':>9} {'cold/floor':>10} {'cold s':>7} "
         f"{'warm s':>7} {'RSS prep':>9} {'RSS worker':>10} {'RSS warm':>9}"
@@ -242,21 +234,43 @@ def main() -> None:
                 f"{result['rank1_over_rank0']:>6.1%} {ranks[0]['peak_rss_mb']:>7.0f} {ranks[1]['peak_rss_mb']:>7.0f}"
             )
         print(line)
+
+
+def rss_growth(results: dict) -> dict[str, float]:
+    """Peak RSS growth of each process from the smallest set to the largest, printed as a share of the file."""
+    small, large = results[min(results)], results[max(results)]
+    processes = {
+        "preparing process": lambda r: r["cold"]["peak_rss_mb"],
+        "largest worker": lambda r: r["cold"]["peak_rss_worker_mb"],
+        "warm start": lambda r: r["warm"]["peak_rss_mb"],
+    }
+    if "torchrun" in small:
+        processes["rank 0"] = lambda r: r["torchrun"][0]["peak_rss_mb"]
+        processes["rank 1"] = lambda r: r["torchrun"][1]["peak_rss_mb"]
+    growth = {name: rss(large) - rss(small) for name, rss in processes.items()}
+    print(f"\npeak RSS growth from N={min(results)} to N={max(results)} ({large['file_mb']:.0f} MB file):")
+    for name, megabytes in growth.items():
+        print(f"  {name:<18} {megabytes:+8.0f} MB = {megabytes / large['file_mb']:+.1%} of the file")
+    return growth
+
+
+def main() -> None:
+    args = parse_args()
+    if args.measure:
+        print(json.dumps(MEASURES[args.measure](Path(args.data), args)))
+        return
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.model_dir is None:
+        from vlrm.tiny import build_tiny_model_dir
+
+        args.model_dir = work / "tiny-qwen2.5-vl"
+        if not (args.model_dir / "config.json").exists():
+            build_tiny_model_dir(args.model_dir)
+    results = {size: measure_size(size, work, args) for size in args.sizes}
+    print_table(results, args)
     if len(results) > 1:
-        small, large = results[min(results)], results[max(results)]
-        processes = {
-            "preparing process": lambda r: r["cold"]["peak_rss_mb"],
-            "largest worker": lambda r: r["cold"]["peak_rss_worker_mb"],
-            "warm start": lambda r: r["warm"]["peak_rss_mb"],
-        }
-        if "torchrun" in small:
-            processes["rank 0"] = lambda r: r["torchrun"][0]["peak_rss_mb"]
-            processes["rank 1"] = lambda r: r["torchrun"][1]["peak_rss_mb"]
-        growth = {name: rss(large) - rss(small) for name, rss in processes.items()}
-        print(f"\npeak RSS growth from N={min(results)} to N={max(results)} ({large['file_mb']:.0f} MB file):")
-        for name, megabytes in growth.items():
-            print(f"  {name:<18} {megabytes:+8.0f} MB = {megabytes / large['file_mb']:+.1%} of the file")
-        results["rss_growth_mb"] = growth
+        results["rss_growth_mb"] = rss_growth(results)
     print(json.dumps(results))
 
 

@@ -137,15 +137,7 @@ def train_step(model, optimizer, batch, device) -> float:
 
     from vlrm.batching import split_rewards
 
-    inputs = {}
-    for key, value in batch.items():
-        if key in PAIR_FIELDS:
-            continue
-        if torch.is_tensor(value):
-            value = value.to(device, dtype=model.dtype if value.is_floating_point() else None)
-        elif hasattr(value, "to"):
-            value = value.to(device)
-        inputs[key] = value
+    inputs = bench_packing.to_device(batch, model, device)  # the packed layout moves itself in the forward
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()

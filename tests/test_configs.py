@@ -38,7 +38,16 @@ README_RECIPES = [
     "mimo7bRL_config_balance_aug2",
     "eval_config_example", "eval_config_example7b",
     "tiny_demo",
+    "qwen2vl7b_config", "qwen3vl8b_config", "qwen3vl30b_a3b_config", "qwen3_5_27b_config", "gemma3_12b_config",
 ]  # fmt: skip
+# One recipe per further model family (vlrm.families): model id, ZeRO stage, packed layout, attention kernel.
+FAMILY_RECIPES = {
+    "qwen2vl7b_config": ("Qwen/Qwen2-VL-7B-Instruct", 2, True, "flash_attention_2"),
+    "qwen3vl8b_config": ("Qwen/Qwen3-VL-8B-Instruct", 2, True, "flash_attention_2"),
+    "qwen3vl30b_a3b_config": ("Qwen/Qwen3-VL-30B-A3B-Instruct", 3, True, "flash_attention_2"),
+    "qwen3_5_27b_config": ("Qwen/Qwen3.5-27B", 3, True, "flash_attention_2"),
+    "gemma3_12b_config": ("google/gemma-3-12b-it", 3, False, "sdpa"),
+}
 PUBLIC_MODELS = {
     "3b": "Qwen/Qwen2.5-VL-3B-Instruct",
     "7b": "Qwen/Qwen2.5-VL-7B-Instruct",
@@ -111,6 +120,12 @@ def test_training_config_validates(path, monkeypatch, tiny_model_dir):
         return
 
     assert config.deepspeed, f"{path.name}: real models train with DeepSpeed (zero2.json / zero3.json)"
+    assert values["bf16"] is True and config.gradient_checkpointing and config.eval_dataset_path
+    if path.stem in FAMILY_RECIPES:
+        model, zero_stage, packing, attention = FAMILY_RECIPES[path.stem]
+        assert (config.model_name_or_path, stage, config.packing) == (model, zero_stage, packing)
+        assert values["attn_implementation"] == attention and config.freeze_vit
+        return
     size = recipe_size(path.stem)
     assert config.model_name_or_path == PUBLIC_MODELS[size]
     assert values["bf16"] is True and values["attn_implementation"] == "flash_attention_2"

@@ -35,8 +35,9 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from vlrm.batching import PreferenceEncoder, make_collator
+from vlrm.batching import PreferenceEncoder
 from vlrm.model import VLRewardModel
+from vlrm.packing import make_collator
 from vlrm.prepare import load_preference_dataset
 from vlrm.synthetic import make_synthetic_dataset
 

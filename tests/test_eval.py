@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from vlrm.batching import make_collator, split_rewards
+from vlrm.batching import split_rewards
 from vlrm.checkpoints import CheckpointError, check_loadable, find_checkpoints, parse_step
 from vlrm.config import ConfigError, EvalConfig, load_config
 from vlrm.model import VLRewardModel
+from vlrm.packing import make_collator
 from vlrm.prepare import load_preference_dataset
 from vlrm.scoring import RewardScorer
 

@@ -72,7 +72,7 @@ def test_save_and_reload_gives_identical_rewards(model, encoder, synthetic_dir, 
     batch = _inputs(PaddedPreferenceCollator(encoder)(list(dataset)))
     model.save_pretrained(tmp_path / "reward")
     reloaded = VLRewardModel.from_pretrained(tmp_path / "reward").eval()
-    assert reloaded.config.architectures == ["VLRewardModel"]
+    assert reloaded.config.architectures == ["Qwen2_5_VLRewardModel"]
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).rewards, model(**batch).rewards, rtol=0, atol=0)
 

@@ -21,12 +21,14 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers import set_seed
 
+import vlrm.attention as attention
 import vlrm.packing as packing
-from vlrm.batching import PaddedPreferenceCollator, make_collator
+from vlrm.batching import PaddedPreferenceCollator
 from vlrm.model import VLRewardModel
 from vlrm.packing import (
     PackedPreferenceCollator,
     enable_packed_attention,
+    make_collator,
     packed_tokens,
     pair_tokens,
     prompt_key,
@@ -162,8 +164,8 @@ def test_gradient_checkpointing_packed_equals_padded(tiny_model_dir, encoder, mo
     enable_packed_attention(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # checkpointing is active in training mode; the tiny model has no dropout
-    calls, real_packed_sdpa = [], packing.packed_sdpa
-    monkeypatch.setattr(packing, "packed_sdpa", lambda *args: calls.append(1) or real_packed_sdpa(*args))
+    calls, real_packed_sdpa = [], attention.packed_sdpa
+    monkeypatch.setattr(attention, "packed_sdpa", lambda *args: calls.append(1) or real_packed_sdpa(*args))
     rows = [_row(1, 1, 6, 4, 9), _row(2, 2, 3, 7, 2), _row(3, 0, 8, 3, 3)]
     rows[0]["irrelevant"], rows[1]["irrelevant"], rows[2]["irrelevant"] = (
         [_same_prompt(rows[1])],
@@ -254,7 +256,7 @@ def test_flash_varlen_path_with_a_reference_kernel(model, encoder, monkeypatch):
             key = k[cu_seqlens_k[index] : cu_seqlens_k[index + 1]].transpose(0, 1)
             value = v[cu_seqlens_k[index] : cu_seqlens_k[index + 1]].transpose(0, 1)
             key, value = (tensor.repeat_interleave(q.shape[1] // k.shape[1], 0) for tensor in (key, value))
-            mask = packing._bottom_right_causal_mask(query.shape[1], key.shape[1] - query.shape[1], q.device)
+            mask = attention._bottom_right_causal_mask(query.shape[1], key.shape[1] - query.shape[1], q.device)
             scores = (query @ key.transpose(1, 2)) * kwargs["softmax_scale"]
             outputs.append((scores.masked_fill(~mask, float("-inf")).softmax(-1) @ value).transpose(0, 1))
         assert all(

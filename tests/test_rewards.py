@@ -140,7 +140,9 @@ def test_export_for_vllm_names_the_architecture_and_keeps_the_weights(tmp_path, 
 
 
 def test_export_refuses_a_model_without_a_score_head(tmp_path, tiny_model_dir):
-    with pytest.raises(ValueError, match=r"score.weight present: False; other names: \['lm_head.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"score.weight present: False; generation head weights: \['lm_head.weight'\]"
+    ):
         export_for_vllm(tiny_model_dir, tmp_path / "vllm")
     with pytest.raises(CheckpointError):
         export_for_vllm(tmp_path / "missing", tmp_path / "vllm")

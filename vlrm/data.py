@@ -364,46 +364,14 @@ def map_row(raw: dict[str, Any], benchmark: str | None = None) -> dict[str, Any]
         raw = benchmarks.multimodal_rewardbench_fields(raw)
     elif kind == benchmarks.MM_RLHF_REWARDBENCH:
         raw = benchmarks.mm_rlhf_fields(raw)
-    preferred_position = raw.get("preferred_position")
-    category = raw.get("category")
     images = _as_list(raw.get("images", raw.get("image")))
     if "conversations" in raw:  # LLaVA / POVID
-        question, chosen = _llava_turns(raw["conversations"], "conversations")
-        if "rejected_conversations" in raw:
-            _, rejected = _llava_turns(raw["rejected_conversations"], "rejected_conversations")
-        else:
-            rejected = _assistant_text(raw.get("rejected"), "rejected")
-        prompt = user_prompt(question, len(images))
+        pair = _llava_pair(raw, len(images))
     elif "response" in raw and "human_ranking" in raw:  # VL-RewardBench
-        responses, ranking = _as_list(raw["response"]), _as_list(raw["human_ranking"])
-        if len(responses) != 2 or len(ranking) != 2:
-            raise RowProblem("response", "VL-RewardBench rows need two responses and two ranks")
-        if ranking[0] == ranking[1]:
-            raise RowProblem("human_ranking", "both responses have the same rank: no preference")
-        best = preferred_position = 0 if ranking[0] < ranking[1] else 1
-        if category is None:
-            category = benchmarks.vl_rewardbench_category(raw)
-        chosen = _text(responses[best], "response")
-        rejected = _text(responses[1 - best], "response")
-        prompt = user_prompt(_text(raw.get("query"), "query"), len(images))
+        pair = _vl_rewardbench_pair(raw, len(images))
     else:
-        if "chosen" not in raw:
-            raise RowProblem("chosen", "missing (no known layout matched the row's fields: " + ", ".join(raw) + ")")
-        if "rejected" not in raw:
-            raise RowProblem("rejected", "missing")
-        chosen = _assistant_text(raw["chosen"], "chosen")
-        rejected = _assistant_text(raw["rejected"], "rejected")
-        question_key = next((key for key in QUESTION_KEYS if key in raw), None)
-        if question_key is None:
-            raise RowProblem("question", f"missing: one of {', '.join(QUESTION_KEYS)} is needed")
-        question = raw[question_key]
-        if isinstance(question, str):
-            prompt = user_prompt(_text(question, question_key), len(images))
-        elif isinstance(question, (list, tuple)) or hasattr(question, "tolist"):
-            prompt = _normalise_messages(_as_list(question), question_key)
-        else:
-            kind = "null" if question is None else type(question).__name__
-            raise RowProblem(question_key, f"expected a question string or a list of messages, got {kind}")
+        pair = _chosen_rejected_pair(raw, len(images))
+    prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
     if chosen.strip() == rejected.strip():
         raise RowProblem("rejected", "identical to chosen: no preference to learn")
     num_image_parts = sum(part["type"] == "image" for message in prompt for part in message["content"])
@@ -412,6 +380,7 @@ def map_row(raw: dict[str, Any], benchmark: str | None = None) -> dict[str, Any]
     margin = raw.get("margin")
     if margin is not None and not isinstance(margin, (int, float)):
         raise RowProblem("margin", f"expected a number, got {type(margin).__name__}")
+    category = pair.get("category", raw.get("category"))
     return {
         "prompt": prompt,
         "images": images,
@@ -420,9 +389,56 @@ def map_row(raw: dict[str, Any], benchmark: str | None = None) -> dict[str, Any]
         "margin": None if margin is None else float(margin),
         "category": None if category is None else str(category),
         "group": raw.get("group"),
-        "preferred_position": preferred_position,
+        "preferred_position": pair.get("preferred_position", raw.get("preferred_position")),
         "benchmark": kind,
     }
+
+
+def _llava_pair(raw: dict[str, Any], num_images: int) -> dict[str, Any]:
+    question, chosen = _llava_turns(raw["conversations"], "conversations")
+    if "rejected_conversations" in raw:
+        _, rejected = _llava_turns(raw["rejected_conversations"], "rejected_conversations")
+    else:
+        rejected = _assistant_text(raw.get("rejected"), "rejected")
+    return {"prompt": user_prompt(question, num_images), "chosen": chosen, "rejected": rejected}
+
+
+def _vl_rewardbench_pair(raw: dict[str, Any], num_images: int) -> dict[str, Any]:
+    responses, ranking = _as_list(raw["response"]), _as_list(raw["human_ranking"])
+    if len(responses) != 2 or len(ranking) != 2:
+        raise RowProblem("response", "VL-RewardBench rows need two responses and two ranks")
+    if ranking[0] == ranking[1]:
+        raise RowProblem("human_ranking", "both responses have the same rank: no preference")
+    best = 0 if ranking[0] < ranking[1] else 1
+    category = raw.get("category")
+    return {
+        "prompt": user_prompt(_text(raw.get("query"), "query"), num_images),
+        "chosen": _text(responses[best], "response"),
+        "rejected": _text(responses[1 - best], "response"),
+        "preferred_position": best,
+        "category": benchmarks.vl_rewardbench_category(raw) if category is None else category,
+    }
+
+
+def _chosen_rejected_pair(raw: dict[str, Any], num_images: int) -> dict[str, Any]:
+    if "chosen" not in raw:
+        raise RowProblem("chosen", "missing (no known layout matched the row's fields: " + ", ".join(raw) + ")")
+    if "rejected" not in raw:
+        raise RowProblem("rejected", "missing")
+    chosen = _assistant_text(raw["chosen"], "chosen")
+    rejected = _assistant_text(raw["rejected"], "rejected")
+    question_key = next((key for key in QUESTION_KEYS if key in raw), None)
+    if question_key is None:
+        raise RowProblem("question", f"missing: one of {', '.join(QUESTION_KEYS)} is needed")
+    question = raw[question_key]
+    if isinstance(question, str):
+        prompt = user_prompt(_text(question, question_key), num_images)
+    elif isinstance(question, (list, tuple)) or hasattr(question, "tolist"):
+        prompt = _normalise_messages(_as_list(question), question_key)
+    else:
+        kind = "null" if question is None else type(question).__name__
+        raise RowProblem(question_key, f"expected a question string or a list of messages, got {kind}")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 def images_key(prompt: list[dict], images: list[dict]) -> str:

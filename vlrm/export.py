@@ -1,4 +1,4 @@
-"""Export a vlrm checkpoint for vLLM's pooling runner, as ``Qwen2_5_VLForSequenceClassification``; merge a LoRA one.
+"""Export a vlrm checkpoint for vLLM's pooling runner as its family's ``*ForSequenceClassification``; merge a LoRA one.
 
     python -m vlrm.export outputs/run exports/run-vllm
     vllm serve exports/run-vllm --runner pooling          # then POST /pooling (or /classify), see the README
@@ -11,16 +11,18 @@ checkpoint: the base model with the adapters folded into its weights (``W + (alp
 model's (to float round-off in float32; ``--dtype auto`` keeps the dtype the run trained in, where bf16 rounds the
 merged weights once), and it loads, evaluates and exports like any full checkpoint.
 
-A vlrm checkpoint already stores the weights under the names of a ``Qwen2_5_VLForConditionalGeneration`` checkpoint
-(``model.*`` for the language model, ``visual.*`` for the vision tower and merger) without ``lm_head``, plus a
-top-level ``score.weight`` of shape ``[1, hidden]``: what vLLM's sequence-classification adapter loads for a
-``*ForSequenceClassification`` architecture on the Qwen2.5-VL loader (last-token pooling, ``num_labels`` 1). The
-export writes those weights unchanged with a config that names that architecture, sets ``num_labels`` 1 and records
-how the reward is read, and copies the processor.
+A vlrm checkpoint already stores the weights under the names of its family's ``*ForConditionalGeneration``
+checkpoint (for Qwen2.5-VL: ``model.*`` for the language model, ``visual.*`` for the vision tower and merger) without
+``lm_head``, plus a top-level ``score.weight`` of shape ``[1, hidden]``: what vLLM's sequence-classification adapter
+loads for a ``*ForSequenceClassification`` architecture on that family's loader (last-token pooling, ``num_labels``
+1). The export writes those weights unchanged with a config that names that architecture
+(``vlrm.families``: ``Qwen2_5_VLForSequenceClassification``, ``Qwen3VLForSequenceClassification``, ...; Qwen3.5's
+``Qwen3_5ForSequenceClassification`` is also transformers' own class, which loads a vlrm checkpoint as it stands),
+sets ``num_labels`` 1, records how the reward is read, and copies the processor.
 
-The reward is the score at the ``<|im_end|>`` that closes the assistant turn. Qwen's chat template puts a newline
-after every ``<|im_end|>``: the text sent to vLLM must end at ``<|im_end|>`` (``reward_text`` renders it), or vLLM
-scores the newline instead. vLLM applies an activation to classification outputs by default; ask for raw scores
+The reward is the score at the end-of-turn token that closes the assistant turn (``<|im_end|>`` for Qwen). Qwen's
+chat template puts a newline after every ``<|im_end|>``: the text sent to vLLM must end at that token
+(``reward_text`` renders it), or vLLM scores the newline instead. vLLM applies an activation to classification outputs by default; ask for raw scores
 (``use_activation: false`` in the request, ``PoolingParams(use_activation=False)`` offline) to get vlrm's rewards.
 """
 
@@ -37,13 +39,11 @@ from safetensors import safe_open
 
 from vlrm.checkpoints import check_loadable
 
-ARCHITECTURE = "Qwen2_5_VLForSequenceClassification"
 PROCESSOR_FILES = (
     "processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
     "added_tokens.json", "video_preprocessor_config.json", "generation_config.json",
 )  # fmt: skip
-WEIGHT_PREFIXES = ("model.", "visual.", "score.")  # what vLLM's Qwen2.5-VL loader maps (and the adapter's score)
 
 
 def reward_text(processor: Any, prompt: list[dict] | str, response: str) -> str:
@@ -67,8 +67,8 @@ def weight_names(model_dir: Path) -> list[str]:
 
 
 def export_for_vllm(checkpoint_dir: str | Path, output_dir: str | Path) -> Path:
-    """Write ``output_dir``: the checkpoint's weights (unchanged), a ``Qwen2_5_VLForSequenceClassification`` config
-    and the processor. Raises ``ValueError`` when the weights are not named as vLLM's loader expects."""
+    """Write ``output_dir``: the checkpoint's weights (unchanged), a config naming its family's
+    ``*ForSequenceClassification`` and the processor. Raises ``ValueError`` for a checkpoint without a score head."""
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     check_loadable(checkpoint_dir)
     if (checkpoint_dir / "adapter_config.json").is_file() and not any(checkpoint_dir.glob("model*.safetensors")):
@@ -77,21 +77,29 @@ def export_for_vllm(checkpoint_dir: str | Path, output_dir: str | Path) -> Path:
             f"vlrm.export --merge {checkpoint_dir} MERGED_DIR, then python -m vlrm.export MERGED_DIR {output_dir}"
         )
     names = weight_names(checkpoint_dir)
-    unexpected = [name for name in names if not name.startswith(WEIGHT_PREFIXES)]
-    if "score.weight" not in names or unexpected:
+    generation_head = [name for name in names if name.startswith("lm_head.") or ".lm_head." in name]
+    if "score.weight" not in names or generation_head:
         raise ValueError(
-            f"{checkpoint_dir}: not a vlrm reward checkpoint in the Qwen2.5-VL layout (score.weight present: "
-            f"{'score.weight' in names}; other names: {unexpected[:5]})"
+            f"{checkpoint_dir}: not a vlrm reward checkpoint (score.weight present: {'score.weight' in names}; "
+            f"generation head weights: {generation_head[:3]})"
         )
+    from transformers import AutoConfig, AutoProcessor
+
+    from vlrm.batching import PreferenceEncoder
+    from vlrm.families import family_of
+
+    model_config = AutoConfig.from_pretrained(checkpoint_dir)
+    architecture = family_of(model_config).classification_architecture(model_config)
+    reward_token = PreferenceEncoder(AutoProcessor.from_pretrained(checkpoint_dir)).end_of_turn
     config = json.loads((checkpoint_dir / "config.json").read_text())
     config.update(
-        architectures=[ARCHITECTURE],
+        architectures=[architecture],
         num_labels=1,
         id2label={"0": "reward"},
         label2id={"reward": 0},
         vlrm={
-            "reward_token": "<|im_end|>",
-            "note": "the text must end at the reward token: drop the chat template's newline after <|im_end|>",
+            "reward_token": reward_token,
+            "note": f"the text must end at the reward token: drop what the chat template writes after {reward_token}",
             "reward_mean": config.get("reward_mean"),
             "reward_std": config.get("reward_std"),
         },

@@ -53,17 +53,17 @@ ADAPTER_CONFIG = "adapter_config.json"
 MARKER = "vlrm"  # the key in adapter_config.json that says a vlrm reward adapter (with its head) is in the dir
 FORMAT = "vlrm-lora-reward-model"
 SCORE_HEAD = "score"
-# Module prefixes inside VLRewardModel (the same in every Qwen2.5-VL / MiMo-VL size).
+# The language model inside every family's VLRewardModel; the vision tower and its aligners are the family's
+# (vlrm.families: Qwen's model.visual and model.visual.merger, LLaVA's model.vision_tower and
+# model.multi_modal_projector).
 LANGUAGE_MODEL = "model.language_model."
-VISION_TOWER = "model.visual."
-MERGER = "model.visual.merger."
 # Config fields that decide the shapes of the weights an adapter was trained on.
 SHAPE_FIELDS = {
     "text_config": (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
         "vocab_size",
     ),
-    "vision_config": ("depth", "hidden_size", "intermediate_size", "out_hidden_size"),
+    "vision_config": ("depth", "num_hidden_layers", "embed_dim", "hidden_size", "intermediate_size", "out_hidden_size"),
 }  # fmt: skip
 
 
@@ -218,9 +218,26 @@ def linear_layer_names(model: nn.Module, target_modules: list[str] | None = None
                 f"{available}"
             )
         language = [name for name in language if name.rsplit(".", 1)[-1] in target_modules]
-    vision_prefix = {"none": None, "merger": MERGER, "all": VISION_TOWER}[vision]
-    vision_layers = [name for name in linears if vision_prefix and name.startswith(vision_prefix)]
+    tower, aligners = vision_prefixes(model)
+    prefixes = {"none": (), "merger": aligners, "all": (tower, *aligners)}[vision]
+    vision_layers = [name for name in linears if name.startswith(prefixes)]
     return language + vision_layers
+
+
+def vision_prefixes(model: nn.Module) -> tuple[str, tuple[str, ...]]:
+    """Name prefixes (inside ``VLRewardModel``) of the vision tower and of its aligners, from the model's family."""
+    reward_model = reward_model_of(model)
+    backbone = reward_model.model
+    tower = reward_model.family.vision_tower_name(backbone)
+    return f"model.{tower}.", tuple(f"model.{name}." for name in reward_model.family.aligner_names(backbone))
+
+
+def _vision_parts(model: nn.Module) -> tuple[set[int], set[int]]:
+    """(vision tower without aligners, aligners) as sets of parameter ids."""
+    reward_model = reward_model_of(model)
+    frozen, aligner = reward_model.vision_parameter_names()
+    parameters = dict(reward_model.named_parameters())
+    return {id(parameters[name]) for name in frozen}, {id(parameters[name]) for name in aligner}
 
 
 def base_model_reference(name_or_path: str | None) -> str | None:
@@ -280,6 +297,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def lora_summary(model: nn.Module) -> str:
     """One line for the log: rank, scale, where the adapters are and their parameter count, and the head's."""
     peft_config = model.peft_config["default"]
+    vision, merger = _vision_parts(model)
     adapters: dict[str, int] = {"language model": 0, "merger": 0, "vision blocks": 0}
     layers: set[str] = set()
     head = 0
@@ -289,7 +307,11 @@ def lora_summary(model: nn.Module) -> str:
         size = getattr(parameter, "ds_numel", parameter.numel())
         if ".lora_" in name:
             part = (
-                "merger" if ".visual.merger." in name else "vision blocks" if ".visual." in name else "language model"
+                "merger"
+                if id(parameter) in merger
+                else "vision blocks"
+                if id(parameter) in vision
+                else "language model"
             )
             adapters[part] += size
             layers.add(name.split(".lora_")[0])
@@ -313,9 +335,7 @@ def parameter_groups(
     """Optimizer parameter groups of the trainable parameters: the rest (``learning_rate``), the vision blocks
     (``vit_lr``) and the merger (``aligner_lr``), each split into weight decay / no decay as the HF Trainer splits
     them. Parts are found by module, so the adapters inside a part belong to it. Empty groups are left out."""
-    visual = reward_model_of(model).model.visual
-    merger = {id(parameter) for parameter in visual.merger.parameters()}
-    vision = {id(parameter) for parameter in visual.parameters()} - merger
+    vision, merger = _vision_parts(model)
     decay = set(decay_parameter_names)
     # `rest` first: the Trainer logs the first group's rate as `learning_rate`.
     rates = {"rest": learning_rate, "vision": vit_lr or learning_rate, "merger": aligner_lr or learning_rate}
@@ -513,13 +533,13 @@ def load_lora_reward_model(
     (peft's ``merge_and_unload``, checked for NaN). ``kwargs`` go to the base model's ``from_pretrained``
     (``attn_implementation``...). The reward model's config (reward statistics, pad id) is the adapter dir's."""
     from peft import PeftModel
-    from transformers import Qwen2_5_VLConfig
+    from transformers import AutoConfig
 
     from vlrm.model import VLRewardModel
 
     adapter_dir = Path(adapter_dir)
     base = resolve_base_model(adapter_dir, base_model_path)
-    reward_config = Qwen2_5_VLConfig.from_pretrained(adapter_dir)
+    reward_config = AutoConfig.from_pretrained(adapter_dir)
     _check_same_shapes(adapter_dir, reward_config, base)
     with _without_load_report():
         model, loading_info = VLRewardModel.from_pretrained(

@@ -1,40 +1,43 @@
-"""``VLRewardModel``: a Qwen2.5-VL backbone (no language-model head) and a scalar ``score`` head.
+"""``VLRewardModel``: a VLM backbone (no language-model head) and a scalar ``score`` head, for every family.
 
 The reward of a sequence is the score at its last real token. With the padded layout that token is found from the
 attention mask (so left or right padding and pad == eos are all fine); the packed layout (``vlrm.packing``) passes its
 positions as ``reward_index`` directly, with its ``packed_layout``.
 
-Loads, with ``VLRewardModel.from_pretrained(path)``:
-- a reward model saved by vlrm (config + safetensors, ``architectures: ["VLRewardModel"]``);
-- a plain ``Qwen2_5_VLForConditionalGeneration`` checkpoint (Qwen2.5-VL 3B/7B/32B/72B, MiMo-VL-7B): ``lm_head`` is
-  dropped and the score head is initialised from the current seed;
+``VLRewardModel`` is the family-independent part. ``VLRewardModel.from_pretrained(path)`` and
+``VLRewardModel.from_config(config)`` read the config's ``model_type``, pick its family (``vlrm.families``) and build
+``reward_model_class(config)``: ``VLRewardModel`` mixed into the family's own ``*PreTrainedModel`` (``Qwen3VLRewardModel``,
+``LlavaRewardModel``, ...), whose backbone is the class transformers' ``AutoModel`` maps the config to. So weight
+initialisation, gradient checkpointing, attention kernels, DeepSpeed ZeRO-3 loading and checkpoint key conversions
+are transformers' own for that family, and ``isinstance(model, VLRewardModel)`` holds for all.
+
+Loads:
+- a reward model saved by vlrm (config + safetensors, ``architectures: ["Qwen2_5_VLRewardModel"]`` or its family's
+  class, ``vlrm_family``);
+- a plain VLM checkpoint (``Qwen2_5_VLForConditionalGeneration`` for Qwen2.5-VL 3B-72B and MiMo-VL-7B,
+  ``Qwen3VLForConditionalGeneration``, ``Gemma3ForConditionalGeneration``, ...): ``lm_head`` is dropped and the score
+  head is initialised from the current seed;
 - a LoRA reward checkpoint saved by vlrm (``adapter_config.json`` with a ``vlrm`` entry, see ``vlrm.lora``): its base
-  model is loaded, the adapters and the trained head are applied and merged, and a plain ``VLRewardModel`` comes back
+  model is loaded, the adapters and the trained head are applied and merged, and a plain reward model comes back
   (``base_model_path=`` names the base when the recorded one is not reachable here).
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import Qwen2_5_VLConfig
+from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel, Qwen2_5_VLPreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 from transformers.utils import ModelOutput
 
+from vlrm.families import Family, family_of, text_config
 from vlrm.lora import is_lora_checkpoint, load_lora_reward_model
 from vlrm.packing import packed_backbone_inputs
-
-# Checkpoints saved before transformers 4.52 keep `visual.*` and `model.layers.*` at the top level; load them the way
-# transformers loads them into Qwen2_5_VLForConditionalGeneration, whose module layout ours mirrors.
-register_checkpoint_conversion_mapping(
-    "VLRewardModel",
-    copy.deepcopy(get_checkpoint_conversion_mapping("Qwen2_5_VLForConditionalGeneration")),
-    overwrite=True,
-)
 
 
 @dataclass
@@ -52,16 +55,19 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return length - 1 - attention_mask.flip(-1).to(torch.int64).argmax(-1)
 
 
-class VLRewardModel(Qwen2_5_VLPreTrainedModel):
-    config_class = Qwen2_5_VLConfig
-    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+class VLRewardModel(PreTrainedModel):
+    """The reward head and forward pass; concrete classes come from ``reward_model_class`` (module docstring)."""
 
-    def __init__(self, config: Qwen2_5_VLConfig):
+    family: Family  # set on each concrete class
+    _keys_to_ignore_on_load_unexpected = [r"(^|\.)lm_head\."]  # the generation head, wherever a family keeps it
+
+    def __init__(self, config):
         super().__init__(config)
         config.num_labels = 1
-        config.architectures = [type(self).__name__]
-        self.model = Qwen2_5_VLModel(config)
-        self.score = nn.Linear(config.text_config.hidden_size, 1, bias=False)
+        config.architectures = [type(self).__name__]  # Qwen2_5_VLRewardModel, ...
+        config.vlrm_family = self.family.name
+        self.model = AutoModel._model_mapping[type(config)](config)
+        self.score = nn.Linear(text_config(config).hidden_size, 1, bias=False)
         self.post_init()
 
     @classmethod
@@ -71,49 +77,58 @@ class VLRewardModel(Qwen2_5_VLPreTrainedModel):
             if model_args or "config" in kwargs:
                 raise TypeError("a LoRA checkpoint loads with its own config: pass keyword arguments only")
             return load_lora_reward_model(pretrained_model_name_or_path, base_model_path, merge=True, **kwargs)
+        if cls is VLRewardModel:
+            config = kwargs.get("config")
+            if config is None:
+                config = AutoConfig.from_pretrained(pretrained_model_name_or_path, trust_remote_code=False)
+            return reward_model_class(config).from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @classmethod
+    def _from_config(cls, config, **kwargs) -> VLRewardModel:
+        """A randomly initialised reward model of ``config``'s family; ``VLRewardModel.from_config(config)`` too."""
+        if cls is VLRewardModel:
+            return reward_model_class(config)._from_config(config, **kwargs)
+        return super()._from_config(config, **kwargs)
+
+    from_config = _from_config
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if module is getattr(self, "score", None):
             # std 1/sqrt(hidden + 1) keeps initial rewards O(1) (Stiennon et al. 2020, summarize_from_feedback).
-            nn.init.normal_(module.weight, std=1.0 / (self.config.text_config.hidden_size + 1) ** 0.5)
+            nn.init.normal_(module.weight, std=1.0 / (text_config(self.config).hidden_size + 1) ** 0.5)
+
+    def vision_parameter_names(self) -> tuple[list[str], list[str]]:
+        """(vision tower, aligner) parameter names: what ``freeze_vision_tower`` freezes, and what of the tower
+        projects into the language model and keeps training."""
+        return self.family.vision_parameters(self.model, prefix="model.")
 
     def freeze_vision_tower(self) -> None:
-        """Freeze the patch embedding and the vision blocks. The merger (vision -> language projection) trains."""
-        visual = self.model.visual
-        for module in (visual.patch_embed, visual.blocks):
-            module.requires_grad_(False)
+        """Freeze the vision encoder (``freeze_vit``); its aligner (Qwen's merger, Qwen3-VL's DeepStack mergers) and
+        any projector outside the tower keep training."""
+        frozen = set(self.vision_parameter_names()[0])
+        for name, parameter in self.named_parameters():
+            if name in frozen:
+                parameter.requires_grad_(False)
 
     def forward(
         self,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | dict | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_thw: torch.LongTensor | None = None,
-        mm_token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
         reward_index: torch.LongTensor | None = None,
         packed_layout=None,
-        **kwargs,
+        **inputs,
     ) -> RewardOutput:
-        kwargs.pop("use_cache", None)
+        """``inputs``: what the collator gives besides ids and mask (``pixel_values``, ``image_grid_thw``,
+        ``mm_token_type_ids``, a generic processor's ``token_type_ids`` / ``image_sizes`` ...), passed on."""
+        inputs.pop("use_cache", None)
+        inputs = {key: value for key, value in inputs.items() if value is not None}
         if packed_layout is not None:  # vlrm.packing: one padding-free row; reward_index comes with it
-            backbone_inputs = packed_backbone_inputs(
-                self.model, input_ids, pixel_values, image_grid_thw, mm_token_type_ids, packed_layout
-            )
-            outputs = self.model(**backbone_inputs, use_cache=False, **kwargs)
+            inputs = packed_backbone_inputs(self, input_ids, packed_layout, **inputs)
+            outputs = self.model(**inputs, use_cache=False)
         else:
-            outputs = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                pixel_values=pixel_values,
-                image_grid_thw=image_grid_thw,
-                mm_token_type_ids=mm_token_type_ids,
-                position_ids=position_ids,
-                use_cache=False,
-                **kwargs,
-            )
+            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs)
         hidden_states = outputs.last_hidden_state
         batch_size, length, hidden_size = hidden_states.shape
         if reward_index is None:
@@ -126,3 +141,31 @@ class VLRewardModel(Qwen2_5_VLPreTrainedModel):
         selected = hidden_states.reshape(-1, hidden_size)[reward_index]
         rewards = self.score(selected).squeeze(-1).float()
         return RewardOutput(rewards=rewards, logits=rewards[:, None])
+
+
+def _pretrained_base(backbone_class: type) -> type:
+    """The family's ``*PreTrainedModel`` (``Qwen2_5_VLPreTrainedModel`` for ``Qwen2_5_VLModel``)."""
+    for base in backbone_class.__mro__[1:]:
+        if issubclass(base, PreTrainedModel) and base is not PreTrainedModel:
+            return base
+    return PreTrainedModel
+
+
+def reward_model_class(config) -> type[VLRewardModel]:
+    """The concrete reward model class for ``config`` (a composite VLM config), made once per family and config
+    class and kept in this module under its name (``Qwen2_5_VLRewardModel``) so that it pickles."""
+    family = family_of(config)
+    backbone_class = AutoModel._model_mapping[type(config)]
+    base = _pretrained_base(backbone_class)
+    name = base.__name__.removesuffix("PreTrainedModel") + "RewardModel"
+    module = sys.modules[__name__]
+    if not hasattr(module, name):
+        attributes = {"family": family, "config_class": type(config), "__module__": __name__}
+        setattr(module, name, type(name, (VLRewardModel, base), attributes))
+        # Checkpoints saved before transformers 4.52 keep `visual.*` and `model.layers.*` at the top level: load them
+        # as transformers loads them into the family's ForConditionalGeneration, whose module layout ours mirrors.
+        generation = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config.model_type)
+        conversion = get_checkpoint_conversion_mapping(generation) if generation else None
+        if conversion is not None:
+            register_checkpoint_conversion_mapping(name, copy.deepcopy(conversion), overwrite=True)
+    return getattr(module, name)

@@ -9,11 +9,13 @@ branches hang under its prompt; an irrelevant branch (pair i's chosen under anot
 prompt's node when it is in the batch, else under a node of its own. Each distinct image goes through the vision
 encoder once per micro-batch, even when several nodes show it (``irrelevant_mode: image``).
 
-Attention (registered with transformers' ``AttentionInterface``, used by the language model only): prompt tokens
-attend causally within their prompt; branch tokens attend to their whole prompt and causally to their own branch.
-Positions: the prompt's 3D mRoPE positions from ``get_rope_index``; branch token t sits at (max prompt position + 1
-+ t) on all three axes. Each branch therefore sees exactly what its row of the padded layout sees, so rewards and
-gradients match the padded layout to float32 round-off (``tests/test_packing.py``).
+Attention (``vlrm.attention``, used by the language model only): prompt tokens attend causally within their prompt;
+branch tokens attend to their whole prompt and causally to their own branch. Positions: the prompt's 3D positions
+from the backbone's ``get_rope_index``; branch token t sits at (max prompt position + 1 + t) on all three axes. Image
+features (with Qwen3-VL's DeepStack features) go to the backbone in occurrence order, so it places them on the row's
+image tokens. Each branch therefore sees exactly what its row of the padded layout sees, so rewards and gradients
+match the padded layout to float32 round-off (``tests/test_packing.py``, ``tests/test_families.py``). Which families
+have this layout: ``vlrm.families`` (``packed``).
 
 Rewards come back in the padded layout's order (chosen B, rejected B, irrelevant B x K pair-major) through
 ``reward_index``, and the collator adds the same ``num_pairs``, ``num_irrelevant`` and ``margin`` fields.
@@ -26,25 +28,29 @@ Use::
 
 The padded layout keeps working on an enabled model: without ``packed_layout`` the attention functions are the
 standard sdpa / eager / flash ones.
+
+This module also holds ``make_collator`` (either layout) and the pair sizes used for length-aware batching.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from PIL import Image
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, flash_attention_mask, sdpa_mask
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
-from vlrm.batching import PreferenceEncoder, add_pair_fields
+from vlrm.attention import enable_packed_attention, uses_packed_attention
+from vlrm.batching import PaddedPreferenceCollator, PreferenceEncoder, add_pair_fields
+from vlrm.families import text_config
+
+__all__ = [
+    "PackedLayout", "PackedPreferenceCollator", "enable_packed_attention", "make_collator", "pack_branches",
+    "pack_responses", "packed_backbone_inputs", "pair_tokens", "packed_tokens", "prompt_key", "image_key",
+]  # fmt: skip
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Layout
@@ -189,27 +195,43 @@ def pack_responses(encoder: PreferenceEncoder, rows: list[tuple[list[dict], list
 
 
 def _pack_nodes(encoder: PreferenceEncoder, nodes: _Nodes, num_rewards: int) -> dict[str, Any]:
-    node_prompts, node_branches, reward_position = nodes.prompts, nodes.branches, num_rewards
-    input_ids: list[int] = []
-    segments, prompt_spans, node_images, branch_spans = [], [], [], []
-    reward_index = [0] * reward_position
+    """The packed row of prompt nodes and their branches, with ``reward_index`` (reward position -> token)."""
+    row = _lay_out(encoder, nodes, num_rewards)
+    ids = torch.tensor([row["input_ids"]])
+    batch = {
+        "input_ids": ids,
+        "mm_token_type_ids": (ids == encoder.image_token_id).long(),
+        "reward_index": torch.tensor(row["reward_index"], dtype=torch.long),
+        "packed_layout": _layout(row),
+    }
+    if row["grids"]:
+        batch["pixel_values"] = torch.cat(row["pixel_rows"])
+        batch["image_grid_thw"] = torch.stack(row["grids"])
+    return batch
+
+
+def _lay_out(encoder: PreferenceEncoder, nodes: _Nodes, num_rewards: int) -> dict[str, Any]:
+    """Token ids, segments and spans node by node; each distinct image's pixel rows once (``image_order``: image
+    occurrence -> distinct image)."""
+    row = {name: [] for name in ("input_ids", "segments", "prompt_spans", "node_images", "branch_spans")}
+    row.update(reward_index=[0] * num_rewards, pixel_rows=[], grids=[], image_order=[])
     unique_images: dict[tuple, int] = {}
-    pixel_rows, grids, image_order = [], [], []
-    for (prompt, images, image_keys), branches in zip(node_prompts, node_branches, strict=True):
+    input_ids, segments = row["input_ids"], row["segments"]
+    for (prompt, images, image_keys), branches in zip(nodes.prompts, nodes.branches, strict=True):
         encoded = encoder.encode_prompt(prompt, images)
         if encoded.pixel_values is not None:
-            rows = torch.split(encoded.pixel_values, encoded.image_grid_thw.prod(-1).tolist())
-            for key, image_rows, grid in zip(image_keys, rows, encoded.image_grid_thw, strict=True):
+            pixel_rows = torch.split(encoded.pixel_values, encoded.image_grid_thw.prod(-1).tolist())
+            for key, image_rows, grid in zip(image_keys, pixel_rows, encoded.image_grid_thw, strict=True):
                 if key not in unique_images:
-                    unique_images[key] = len(grids)
-                    pixel_rows.append(image_rows)
-                    grids.append(grid)
-                image_order.append(unique_images[key])
-        node_images.append((len(image_order) - len(images), len(image_order)))
+                    unique_images[key] = len(row["grids"])
+                    row["pixel_rows"].append(image_rows)
+                    row["grids"].append(grid)
+                row["image_order"].append(unique_images[key])
+        row["node_images"].append((len(row["image_order"]) - len(images), len(row["image_order"])))
         prompt_start = len(input_ids)
         input_ids += encoded.input_ids
         prompt_end = len(input_ids)
-        prompt_spans.append((prompt_start, prompt_end))
+        row["prompt_spans"].append((prompt_start, prompt_end))
         segments.append((prompt_start, prompt_end, prompt_start, prompt_start))
         spans = []
         for position, response in sorted(branches, key=lambda branch: branch[0]):
@@ -217,39 +239,32 @@ def _pack_nodes(encoder: PreferenceEncoder, nodes: _Nodes, num_rewards: int) -> 
             input_ids += response
             spans.append((start, len(input_ids)))
             segments.append((start, len(input_ids), prompt_start, prompt_end))
-            reward_index[position] = len(input_ids) - 1
-        branch_spans.append(spans)
+            row["reward_index"][position] = len(input_ids) - 1
+        row["branch_spans"].append(spans)
+    return row
 
+
+def _layout(row: dict[str, Any]) -> PackedLayout:
+    segments = row["segments"]
     # flash-attn varlen: queries are the row itself, segment by segment; keys are each segment's prefix + itself.
     kv_index = torch.cat([torch.cat([torch.arange(ps, pe), torch.arange(s, e)]) for s, e, ps, pe in segments])
     query_lengths = torch.tensor([e - s for s, e, _, _ in segments])
     key_lengths = torch.tensor([e - s + pe - ps for s, e, ps, pe in segments])
-    ids = torch.tensor([input_ids])
-    layout = PackedLayout(
-        num_tokens=len(input_ids),
+    return PackedLayout(
+        num_tokens=len(row["input_ids"]),
         segments=segments,
-        prompt_spans=prompt_spans,
-        node_images=node_images,
-        branch_spans=branch_spans,
-        image_order=torch.tensor(image_order, dtype=torch.long),
+        prompt_spans=row["prompt_spans"],
+        node_images=row["node_images"],
+        branch_spans=row["branch_spans"],
+        image_order=torch.tensor(row["image_order"], dtype=torch.long),
         cu_seqlens_q=torch.nn.functional.pad(query_lengths.cumsum(0), (1, 0)).to(torch.int32),
         cu_seqlens_k=torch.nn.functional.pad(key_lengths.cumsum(0), (1, 0)).to(torch.int32),
         kv_index=kv_index,
         max_seqlen_q=int(query_lengths.max()),
         max_seqlen_k=int(key_lengths.max()),
-        deduplicated_images=len(grids) < len(image_order),
+        deduplicated_images=len(row["grids"]) < len(row["image_order"]),
         **_attention_groups(segments),
     )
-    batch = {
-        "input_ids": ids,
-        "mm_token_type_ids": (ids == encoder.image_token_id).long(),
-        "reward_index": torch.tensor(reward_index, dtype=torch.long),
-        "packed_layout": layout,
-    }
-    if grids:
-        batch["pixel_values"] = torch.cat(pixel_rows)
-        batch["image_grid_thw"] = torch.stack(grids)
-    return batch
 
 
 class PackedPreferenceCollator:
@@ -263,7 +278,11 @@ class PackedPreferenceCollator:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Model inputs: image embeddings placed once per occurrence, mRoPE positions per node
+# Model inputs: image features placed once per occurrence, 3D positions per node
+
+# A prepared 4D mask as far as transformers' mask creation goes (it returns such a mask as is), so no [T, T] mask is
+# ever built for a packed row; the packed attention reads the layout instead and never looks at it.
+PACKED_ROW_MASK = torch.ones(1, 1, 0, 0, dtype=torch.bool)
 
 
 def packed_position_ids(
@@ -273,7 +292,8 @@ def packed_position_ids(
     image_grid_thw: torch.Tensor | None,
     layout: PackedLayout,
 ) -> torch.Tensor:
-    """``[3, 1, T]`` mRoPE positions: each prompt as ``get_rope_index`` places it alone, each branch right after."""
+    """``[3, 1, T]`` positions (mRoPE and interleaved mRoPE alike): each prompt as the backbone's ``get_rope_index``
+    places it alone, each branch right after its prompt's largest position."""
     device = input_ids.device
     grids = image_grid_thw[layout.image_order] if image_grid_thw is not None else None
     pieces = []
@@ -296,245 +316,62 @@ def packed_position_ids(
     return torch.cat(pieces, dim=1)[:, None]
 
 
-def packed_backbone_inputs(
-    backbone: Any,
-    input_ids: torch.Tensor,
-    pixel_values: torch.Tensor | None,
-    image_grid_thw: torch.Tensor | None,
-    mm_token_type_ids: torch.Tensor | None,
-    layout: PackedLayout,
-) -> dict[str, Any]:
-    """Keyword arguments for ``Qwen2_5_VLModel.forward`` on a packed row.
+def image_features_by_occurrence(backbone: Any, pixel_values, image_grid_thw, layout: PackedLayout) -> Any:
+    """The vision tower's output for the distinct images, reordered to one entry per image occurrence in the row:
+    ``pooler_output`` (and Qwen3-VL's DeepStack ``deepstack_features``, one tuple per vision layer) as the backbone's
+    ``mm_encoder_outputs`` takes them, so it places every feature on its image tokens itself."""
+    features = backbone.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    if layout.deduplicated_images:
+        order = layout.image_order.tolist()
+        features.pooler_output = tuple(features.pooler_output[index] for index in order)
+        if getattr(features, "deepstack_features", None) is not None:
+            features.deepstack_features = [
+                tuple(layer[index] for index in order) for layer in features.deepstack_features
+            ]
+    return features
 
-    The vision tower runs here, once per distinct image and with its usual attention (it never sees the layout);
-    its features are placed at every occurrence, as the model's own forward places them."""
-    text_config = backbone.config.text_config
-    if text_config._attn_implementation not in PACKED_IMPLEMENTATIONS.values():
+
+def packed_backbone_inputs(
+    model: Any,
+    input_ids: torch.Tensor,
+    layout: PackedLayout,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    mm_token_type_ids: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for the backbone's forward (``Qwen2VLModel``, ``Qwen2_5_VLModel``, ``Qwen3VLModel``,
+    ``Qwen3VLMoeModel``) on a packed row of ``model``, a ``VLRewardModel`` of a family with the packed layout.
+
+    The vision tower runs here, once per distinct image and with its usual attention (it never sees the layout)."""
+    if not uses_packed_attention(model):
         raise ValueError(
             f"the packed layout needs the packed attention, but the language model uses "
-            f"{text_config._attn_implementation!r}: call vlrm.packing.enable_packed_attention(model) after loading"
+            f"{text_config(model.config)._attn_implementation!r}: call vlrm.packing.enable_packed_attention(model) "
+            "after loading"
         )
     if input_ids.shape[0] != 1 or input_ids.shape[1] != layout.num_tokens:
         raise ValueError(f"a packed row has shape [1, {layout.num_tokens}], got input_ids {list(input_ids.shape)}")
+    backbone = model.model
     layout = layout.to(input_ids.device)  # a copy: the mask cache starts empty every forward
     if mm_token_type_ids is None:
-        mm_token_type_ids = (input_ids == backbone.config.image_token_id).long()
-    inputs_embeds = backbone.get_input_embeddings()(input_ids)
-    if pixel_values is not None:
-        features = backbone.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
-        if layout.deduplicated_images:
-            features = [features[index] for index in layout.image_order.tolist()]
-        image_embeds = torch.cat(features).to(inputs_embeds.device, inputs_embeds.dtype)
-        image_mask = (input_ids == backbone.config.image_token_id)[..., None]
-        if image_mask.sum() * inputs_embeds.shape[-1] != image_embeds.numel():
-            raise ValueError(f"{int(image_mask.sum())} image tokens but {image_embeds.shape[0]} image features")
-        inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds)
-    position_ids = packed_position_ids(backbone, input_ids, mm_token_type_ids, image_grid_thw, layout)
-    return {
-        "input_ids": None,
-        "inputs_embeds": inputs_embeds,
-        "position_ids": position_ids,
-        # A dict of per-layer-type masks is taken as already prepared: no [T, T] mask is ever built.
-        "attention_mask": {layer_type: None for layer_type in set(text_config.layer_types)},
+        mm_token_type_ids = (input_ids == model.config.image_token_id).long()
+    inputs = {
+        "input_ids": input_ids,
+        "position_ids": packed_position_ids(backbone, input_ids, mm_token_type_ids, image_grid_thw, layout),
+        "attention_mask": PACKED_ROW_MASK.to(input_ids.device),
         "packed_layout": layout,
     }
+    if pixel_values is not None:
+        inputs["mm_encoder_outputs"] = {
+            "image": image_features_by_occurrence(backbone, pixel_values, image_grid_thw, layout)
+        }
+    return inputs
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Attention functions (transformers' AttentionInterface): packed when given a layout, standard otherwise
-
-
-def _bottom_right_causal_mask(query_length: int, prefix_length: int, device: torch.device) -> torch.Tensor:
-    """Query t sees the whole prefix and its own tokens up to t: True = attend."""
-    keys = torch.arange(prefix_length + query_length, device=device)
-    return keys[None, :] <= torch.arange(query_length, device=device)[:, None] + prefix_length
-
-
-def _branch_mask(layout: PackedLayout, query_length: int, prefix_length: int, query: torch.Tensor) -> torch.Tensor:
-    """The bottom-right causal mask as an additive float mask (what SDPA turns a bool mask into), built once per
-    forward and shape."""
-    key = (query_length, prefix_length, query.dtype, query.device)
-    if key not in layout.attention_masks:
-        allowed = _bottom_right_causal_mask(query_length, prefix_length, query.device)
-        mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
-        layout.attention_masks[key] = mask.masked_fill_(~allowed, torch.finfo(query.dtype).min)
-    return layout.attention_masks[key]
-
-
-def packed_sdpa(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    layout: PackedLayout,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-) -> torch.Tensor:
-    """Attention over the packed row with ``torch.nn.functional.scaled_dot_product_attention``, one call per group
-    of same-shape segments: prompts with ``is_causal``, branches against [prompt keys + own keys] with a bottom-right
-    causal mask of [branch, prompt + branch] (never a [T, T] mask).
-
-    Queries and keys are gathered once for all groups (one ``index_select`` each, whose backward is one scatter) and
-    cut into groups by views: slicing each segment out separately would cost a full-size zero-filled gradient per
-    slice in the backward pass. ``query``/``key``/``value``: ``[1, heads, T, head_dim]``; returns
-    ``[1, T, heads, head_dim]``."""
-    if layout.group_query_index is not None:
-        query = query.index_select(2, layout.group_query_index)
-    keys = key.index_select(2, layout.group_kv_index)
-    values = value.index_select(2, layout.group_kv_index)
-    num_groups = getattr(module, "num_key_value_groups", 1)
-    query_sizes = [count * query_length for count, query_length, _ in layout.groups]
-    key_sizes = [count * (query_length + prefix_length) for count, query_length, prefix_length in layout.groups]
-    outputs = []
-    for (count, query_length, prefix_length), group_query, group_key, group_value in zip(
-        layout.groups, query.split(query_sizes, 2), keys.split(key_sizes, 2), values.split(key_sizes, 2), strict=True
-    ):
-        # [1, heads, count * length, dim] -> [count, heads, length, dim], as views
-        group_query = group_query.unflatten(2, (count, query_length))[0].transpose(0, 1)
-        group_key, group_value = (
-            repeat_kv(tensor.unflatten(2, (count, -1))[0].transpose(0, 1), num_groups)
-            for tensor in (group_key, group_value)
-        )
-        mask = _branch_mask(layout, query_length, prefix_length, group_query) if prefix_length else None
-        output = torch.nn.functional.scaled_dot_product_attention(
-            group_query,
-            group_key,
-            group_value,
-            attn_mask=mask,
-            dropout_p=dropout,
-            is_causal=mask is None,
-            scale=scaling,
-        )
-        outputs.append(output.transpose(1, 2).flatten(0, 1))  # [count * length, heads, dim]
-    output = torch.cat(outputs)
-    if layout.group_row_index is not None:
-        output = output.index_select(0, layout.group_row_index)
-    return output[None]
-
-
-def packed_varlen(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    layout: PackedLayout,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-) -> torch.Tensor:
-    """The same attention with flash-attn's varlen kernel: one call; queries are the row, keys/values each segment's
-    [prefix + own] rows gathered by ``kv_index``; ``causal=True`` aligns bottom-right (flash-attn >= 2.1)."""
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError as error:
-        raise ImportError(
-            "packed attention with attn_implementation='flash_attention_2' needs flash-attn (pip install flash-attn); "
-            "load the model with attn_implementation='sdpa' to use the packed SDPA attention instead"
-        ) from error
-    from transformers.integrations.flash_attention import get_target_dtype
-
-    queries = query[0].transpose(0, 1)  # [T, heads, head_dim]
-    keys = key[0].transpose(0, 1).index_select(0, layout.kv_index)
-    values = value[0].transpose(0, 1).index_select(0, layout.kv_index)
-    target_dtype = get_target_dtype(query, module)
-    if target_dtype is not None:  # float32 activations (e.g. norms upcast): flash-attn runs in half precision
-        queries, keys, values = (tensor.to(target_dtype) for tensor in (queries, keys, values))
-    output = flash_attn_varlen_func(
-        queries,
-        keys,
-        values,
-        cu_seqlens_q=layout.cu_seqlens_q,
-        cu_seqlens_k=layout.cu_seqlens_k,
-        max_seqlen_q=layout.max_seqlen_q,
-        max_seqlen_k=layout.max_seqlen_k,
-        dropout_p=dropout,
-        softmax_scale=scaling,
-        causal=True,
-    )
-    return output.to(query.dtype)[None]
-
-
-def _packed_or(standard: Callable) -> Callable:
-    """An attention function that runs ``packed_sdpa`` when the call carries a packed layout, else ``standard``
-    (transformers' own SDPA or eager attention, for padded batches)."""
-
-    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        layout = kwargs.pop("packed_layout", None)
-        if layout is None:
-            return standard(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        return packed_sdpa(module, query, key, value, layout, dropout, scaling), None
-
-    return attention
-
-
-packed_sdpa_attention = _packed_or(sdpa_attention_forward)
-packed_eager_attention = _packed_or(eager_attention_forward)
-
-
-def packed_flash_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    layout = kwargs.pop("packed_layout", None)
-    if layout is not None:
-        return packed_varlen(module, query, key, value, layout, dropout, scaling), None
-    # Standard flash_attention_2, as transformers' flash_attention_forward runs it; that function reads the kernel
-    # name from module.config, which here names this function, so the kernel is named explicitly.
-    from transformers.integrations.flash_attention import _use_top_left_mask, get_target_dtype
-    from transformers.modeling_flash_attention_utils import _flash_attention_forward
-
-    is_causal = kwargs.pop("is_causal", None)
-    query, key, value = (tensor.transpose(1, 2) for tensor in (query, key, value))
-    output = _flash_attention_forward(
-        query,
-        key,
-        value,
-        attention_mask,
-        query_length=query.shape[1],
-        is_causal=module.is_causal if is_causal is None else is_causal,
-        dropout=dropout,
-        softmax_scale=scaling,
-        use_top_left_mask=_use_top_left_mask,
-        target_dtype=get_target_dtype(query, module),
-        attn_implementation="flash_attention_2",
-        layer_idx=getattr(module, "layer_idx", None),
-        **kwargs,
-    )
-    return output, None
-
-
-# Standard implementation -> the packed one that stands in for it. The names must not contain "flash": transformers
-# treats such names as flash kernels to load.
-PACKED_IMPLEMENTATIONS = {
-    "sdpa": "vlrm_packed_sdpa",
-    "eager": "vlrm_packed_eager",
-    "flash_attention_2": "vlrm_packed_varlen",
-}
-AttentionInterface.register("vlrm_packed_sdpa", packed_sdpa_attention)
-AttentionInterface.register("vlrm_packed_eager", packed_eager_attention)
-AttentionInterface.register("vlrm_packed_varlen", packed_flash_attention)
-# Without a layout the padded layout's masks are built exactly as for the standard implementation.
-AttentionMaskInterface.register("vlrm_packed_sdpa", sdpa_mask)
-AttentionMaskInterface.register("vlrm_packed_eager", eager_mask)
-AttentionMaskInterface.register("vlrm_packed_varlen", flash_attention_mask)
-
-
-def enable_packed_attention(model: Any) -> None:
-    """Switch the language model's attention to the packed function standing in for its current one (sdpa/eager ->
-    packed SDPA, flash_attention_2 -> flash-attn varlen). The vision tower keeps its attention. Idempotent; the
-    choice is not saved with the checkpoint. Call after loading and before DeepSpeed/accelerate wrap the model."""
-    text_config = model.config.text_config
-    current = text_config._attn_implementation
-    if current in PACKED_IMPLEMENTATIONS.values():
-        return
-    if current not in PACKED_IMPLEMENTATIONS:
-        raise ValueError(
-            f"the packed layout supports attn_implementation {sorted(PACKED_IMPLEMENTATIONS)}, not {current!r}; "
-            "load the model with one of them or use the padded layout"
-        )
-    if "sliding_attention" in text_config.layer_types:
-        raise ValueError("the packed layout does not support sliding-window attention (use_sliding_window=True)")
-    if current == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ImportError(
-            "the packed layout with flash_attention_2 needs flash-attn installed (pip install flash-attn)"
-        )
-    model.set_attn_implementation({"text_config": PACKED_IMPLEMENTATIONS[current]})
+def make_collator(encoder: PreferenceEncoder, packing: bool = False):
+    """The collator for a layout: packed (``PackedPreferenceCollator``) or padded (``PaddedPreferenceCollator``).
+    Both return the same fields and the same reward order."""
+    return PackedPreferenceCollator(encoder) if packing else PaddedPreferenceCollator(encoder)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

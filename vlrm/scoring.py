@@ -24,12 +24,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoProcessor
 
-from vlrm.batching import PreferenceEncoder, make_collator, pad_branches, split_rewards
+from vlrm.batching import PreferenceEncoder, pad_branches, pad_with_processor, split_rewards
 from vlrm.checkpoints import CheckpointError, check_loadable
 from vlrm.data import user_prompt
 from vlrm.lora import is_lora_checkpoint, load_lora_reward_model, resolve_base_model
 from vlrm.model import VLRewardModel
-from vlrm.packing import enable_packed_attention, pack_responses, prompt_key
+from vlrm.packing import enable_packed_attention, make_collator, pack_responses, prompt_key
 from vlrm.prepare import LENGTH_COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,11 @@ def apply_pixel_limits(processor: Any, min_pixels: int | None, max_pixels: int |
     """Bound the image area the processor resizes to; None keeps the processor's own setting."""
     if min_pixels or max_pixels:
         size = dict(processor.image_processor.size)
+        if "longest_edge" not in size or "shortest_edge" not in size:
+            raise ValueError(
+                f"min_pixels / max_pixels bound the image area of Qwen-style processors; "
+                f"{type(processor.image_processor).__name__} resizes images to {size}: leave them unset"
+            )
         size["shortest_edge"] = min_pixels or size["shortest_edge"]
         size["longest_edge"] = max_pixels or size["longest_edge"]
         processor.image_processor.size = size
@@ -100,6 +105,8 @@ class RewardScorer:
         self.max_seq_length = max_seq_length
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
+        # A family without the packed layout (vlrm.families: Qwen3.5, the generic path) is scored padded.
+        packing = packing and model.family.packed
         if packing:
             enable_packed_attention(self.model)
         self.processor = processor
@@ -272,11 +279,13 @@ class RewardScorer:
         ):  # fmt: skip
             if self.packing:
                 batch = pack_responses(self.encoder, [sequences[index] for index in batch_indices])
-            else:
+            elif self.encoder.grid_images:
                 encoded = [
                     (self.encoder.encode_prompt(*sequences[index][:2]), sequences[index][2]) for index in batch_indices
                 ]
                 batch = pad_branches(encoded, self.encoder.pad_token_id, self.encoder.image_token_id)
+            else:
+                batch = pad_with_processor(self.encoder, [sequences[index] for index in batch_indices])
             rewards[batch_indices] = self._forward(batch).float().cpu().numpy()
         return self.normalized(rewards) if normalize else rewards
 

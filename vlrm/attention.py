@@ -1,0 +1,233 @@
+"""The packed layout's attention: transformers ``AttentionInterface`` functions that read a ``PackedLayout``.
+
+Registered under names that stand in for the standard implementations (``PACKED_IMPLEMENTATIONS``), used by the
+language model only (the vision tower keeps its own attention): with a ``packed_layout`` in the call, prompt tokens
+attend causally within their prompt and branch tokens to their whole prompt and causally to their own branch
+(``packed_sdpa``: one SDPA call per group of same-shape segments; ``packed_varlen``: one flash-attn varlen call);
+without one (a padded batch) they are transformers' own sdpa / eager / flash_attention_2. The layout itself is built
+in ``vlrm.packing``.
+
+    enable_packed_attention(model)   # once after loading, before DeepSpeed / accelerate wrap the model
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, flash_attention_mask, sdpa_mask
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
+
+from vlrm.families import family_of, text_config
+
+if TYPE_CHECKING:
+    from vlrm.packing import PackedLayout
+
+
+def _bottom_right_causal_mask(query_length: int, prefix_length: int, device: torch.device) -> torch.Tensor:
+    """Query t sees the whole prefix and its own tokens up to t: True = attend."""
+    keys = torch.arange(prefix_length + query_length, device=device)
+    return keys[None, :] <= torch.arange(query_length, device=device)[:, None] + prefix_length
+
+
+def _branch_mask(layout: PackedLayout, query_length: int, prefix_length: int, query: torch.Tensor) -> torch.Tensor:
+    """The bottom-right causal mask as an additive float mask (what SDPA turns a bool mask into), built once per
+    forward and shape."""
+    key = (query_length, prefix_length, query.dtype, query.device)
+    if key not in layout.attention_masks:
+        allowed = _bottom_right_causal_mask(query_length, prefix_length, query.device)
+        mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+        layout.attention_masks[key] = mask.masked_fill_(~allowed, torch.finfo(query.dtype).min)
+    return layout.attention_masks[key]
+
+
+def packed_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: PackedLayout,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """Attention over the packed row with ``torch.nn.functional.scaled_dot_product_attention``, one call per group
+    of same-shape segments: prompts with ``is_causal``, branches against [prompt keys + own keys] with a bottom-right
+    causal mask of [branch, prompt + branch] (never a [T, T] mask).
+
+    Queries and keys are gathered once for all groups (one ``index_select`` each, whose backward is one scatter) and
+    cut into groups by views: slicing each segment out separately would cost a full-size zero-filled gradient per
+    slice in the backward pass. ``query``/``key``/``value``: ``[1, heads, T, head_dim]``; returns
+    ``[1, T, heads, head_dim]``."""
+    if layout.group_query_index is not None:
+        query = query.index_select(2, layout.group_query_index)
+    keys = key.index_select(2, layout.group_kv_index)
+    values = value.index_select(2, layout.group_kv_index)
+    num_groups = getattr(module, "num_key_value_groups", 1)
+    query_sizes = [count * query_length for count, query_length, _ in layout.groups]
+    key_sizes = [count * (query_length + prefix_length) for count, query_length, prefix_length in layout.groups]
+    outputs = []
+    for (count, query_length, prefix_length), group_query, group_key, group_value in zip(
+        layout.groups, query.split(query_sizes, 2), keys.split(key_sizes, 2), values.split(key_sizes, 2), strict=True
+    ):
+        # [1, heads, count * length, dim] -> [count, heads, length, dim], as views
+        group_query = group_query.unflatten(2, (count, query_length))[0].transpose(0, 1)
+        group_key, group_value = (
+            repeat_kv(tensor.unflatten(2, (count, -1))[0].transpose(0, 1), num_groups)
+            for tensor in (group_key, group_value)
+        )
+        mask = _branch_mask(layout, query_length, prefix_length, group_query) if prefix_length else None
+        output = torch.nn.functional.scaled_dot_product_attention(
+            group_query,
+            group_key,
+            group_value,
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=mask is None,
+            scale=scaling,
+        )
+        outputs.append(output.transpose(1, 2).flatten(0, 1))  # [count * length, heads, dim]
+    output = torch.cat(outputs)
+    if layout.group_row_index is not None:
+        output = output.index_select(0, layout.group_row_index)
+    return output[None]
+
+
+def packed_varlen(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: PackedLayout,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """The same attention with flash-attn's varlen kernel: one call; queries are the row, keys/values each segment's
+    [prefix + own] rows gathered by ``kv_index``; ``causal=True`` aligns bottom-right (flash-attn >= 2.1)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as error:
+        raise ImportError(
+            "packed attention with attn_implementation='flash_attention_2' needs flash-attn (pip install flash-attn); "
+            "load the model with attn_implementation='sdpa' to use the packed SDPA attention instead"
+        ) from error
+    from transformers.integrations.flash_attention import get_target_dtype
+
+    queries = query[0].transpose(0, 1)  # [T, heads, head_dim]
+    keys = key[0].transpose(0, 1).index_select(0, layout.kv_index)
+    values = value[0].transpose(0, 1).index_select(0, layout.kv_index)
+    target_dtype = get_target_dtype(query, module)
+    if target_dtype is not None:  # float32 activations (e.g. norms upcast): flash-attn runs in half precision
+        queries, keys, values = (tensor.to(target_dtype) for tensor in (queries, keys, values))
+    output = flash_attn_varlen_func(
+        queries,
+        keys,
+        values,
+        cu_seqlens_q=layout.cu_seqlens_q,
+        cu_seqlens_k=layout.cu_seqlens_k,
+        max_seqlen_q=layout.max_seqlen_q,
+        max_seqlen_k=layout.max_seqlen_k,
+        dropout_p=dropout,
+        softmax_scale=scaling,
+        causal=True,
+    )
+    return output.to(query.dtype)[None]
+
+
+def _packed_or(standard: Callable) -> Callable:
+    """An attention function that runs ``packed_sdpa`` when the call carries a packed layout, else ``standard``
+    (transformers' own SDPA or eager attention, for padded batches)."""
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        layout = kwargs.pop("packed_layout", None)
+        if layout is None:
+            return standard(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return packed_sdpa(module, query, key, value, layout, dropout, scaling), None
+
+    return attention
+
+
+packed_sdpa_attention = _packed_or(sdpa_attention_forward)
+packed_eager_attention = _packed_or(eager_attention_forward)
+
+
+def packed_flash_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    layout = kwargs.pop("packed_layout", None)
+    if layout is not None:
+        return packed_varlen(module, query, key, value, layout, dropout, scaling), None
+    # Standard flash_attention_2, as transformers' flash_attention_forward runs it; that function reads the kernel
+    # name from module.config, which here names this function, so the kernel is named explicitly.
+    from transformers.integrations.flash_attention import _use_top_left_mask, get_target_dtype
+    from transformers.modeling_flash_attention_utils import _flash_attention_forward
+
+    is_causal = kwargs.pop("is_causal", None)
+    query, key, value = (tensor.transpose(1, 2) for tensor in (query, key, value))
+    output = _flash_attention_forward(
+        query,
+        key,
+        value,
+        attention_mask,
+        query_length=query.shape[1],
+        is_causal=module.is_causal if is_causal is None else is_causal,
+        dropout=dropout,
+        softmax_scale=scaling,
+        use_top_left_mask=_use_top_left_mask,
+        target_dtype=get_target_dtype(query, module),
+        attn_implementation="flash_attention_2",
+        layer_idx=getattr(module, "layer_idx", None),
+        **kwargs,
+    )
+    return output, None
+
+
+# Standard implementation -> the packed one that stands in for it. The names must not contain "flash": transformers
+# treats such names as flash kernels to load.
+PACKED_IMPLEMENTATIONS = {
+    "sdpa": "vlrm_packed_sdpa",
+    "eager": "vlrm_packed_eager",
+    "flash_attention_2": "vlrm_packed_varlen",
+}
+AttentionInterface.register("vlrm_packed_sdpa", packed_sdpa_attention)
+AttentionInterface.register("vlrm_packed_eager", packed_eager_attention)
+AttentionInterface.register("vlrm_packed_varlen", packed_flash_attention)
+# Without a layout the padded layout's masks are built exactly as for the standard implementation.
+AttentionMaskInterface.register("vlrm_packed_sdpa", sdpa_mask)
+AttentionMaskInterface.register("vlrm_packed_eager", eager_mask)
+AttentionMaskInterface.register("vlrm_packed_varlen", flash_attention_mask)
+
+
+def enable_packed_attention(model: Any) -> None:
+    """Switch the language model's attention to the packed function standing in for its current one (sdpa/eager ->
+    packed SDPA, flash_attention_2 -> flash-attn varlen). The vision tower keeps its attention. Idempotent; the
+    choice is not saved with the checkpoint. Call after loading and before DeepSpeed/accelerate wrap the model.
+    Raises ``ValueError`` for a family without the packed layout (``vlrm.families``: ``packed``)."""
+    family = family_of(model.config)
+    if not family.packed:
+        raise ValueError(f"{family.title} ({model.config.model_type}) has no packed layout: {family.padded_reason}")
+    language = text_config(model.config)
+    current = language._attn_implementation
+    if current in PACKED_IMPLEMENTATIONS.values():
+        return
+    if current not in PACKED_IMPLEMENTATIONS:
+        raise ValueError(
+            f"the packed layout supports attn_implementation {sorted(PACKED_IMPLEMENTATIONS)}, not {current!r}; "
+            "load the model with one of them or use the padded layout"
+        )
+    if "sliding_attention" in (getattr(language, "layer_types", None) or ()):
+        raise ValueError("the packed layout does not support sliding-window attention (use_sliding_window=True)")
+    if current == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ImportError(
+            "the packed layout with flash_attention_2 needs flash-attn installed (pip install flash-attn)"
+        )
+    model.set_attn_implementation({"text_config": PACKED_IMPLEMENTATIONS[current]})
+    if family.recurrent:  # Qwen3.5's linear-attention layers: each branch from its prompt's state
+        from vlrm.recurrent import enable_packed_recurrence
+
+        enable_packed_recurrence(model)
+
+
+def uses_packed_attention(model: Any) -> bool:
+    return text_config(model.config)._attn_implementation in PACKED_IMPLEMENTATIONS.values()
