@@ -72,7 +72,8 @@ class ModelDataArguments:
         metadata={
             "help": "Packed layout: each micro-batch is one padding-free sequence, every prompt and image computed "
             "once per pair, each response branch attending to its own prompt (vlrm.packing). False: the padded "
-            "layout, one row per (prompt, response), the baseline and the fallback for other backbones."
+            "layout, one row per (prompt, response), the baseline; families without the packed layout (the generic "
+            "image-text-to-text path) use it whatever this says, with a warning."
         },
     )
     on_bad_sample: Literal["error", "skip"] = field(
@@ -129,8 +130,9 @@ class TrainConfig(ModelDataArguments, LoraArguments, RewardConfig):
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "A Qwen2.5-VL or MiMo-VL model directory or hub id (a `Qwen2_5_VLForConditionalGeneration` "
-            "checkpoint, or a reward model saved by vlrm)."
+            "help": "A model directory or hub id of a supported family (vlrm.families: Qwen2-VL, Qwen2.5-VL / MiMo-VL, "
+            "Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, or any AutoModelForImageTextToText checkpoint whose "
+            "processor has a chat template), or a reward model saved by vlrm."
         },
     )
     dataset_path: list[str] = field(
@@ -180,8 +182,8 @@ class TrainConfig(ModelDataArguments, LoraArguments, RewardConfig):
     freeze_vit: bool = field(
         default=False,
         metadata={
-            "help": "Freeze the vision tower (patch embedding and blocks). The merger, which projects visual "
-            "features into the language model, stays trainable."
+            "help": "Freeze the vision tower. Its aligners, which project visual features into the language model "
+            "(Qwen's merger, Qwen3-VL's DeepStack mergers, a multi_modal_projector), stay trainable."
         },
     )
     use_irrelevant_queries: bool = field(
