@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny offline Qwen2.5-VL and one small synthetic preference set per test session."""
+"""Shared fixtures: one tiny offline Qwen2.5-VL (and one model per family, on demand) and one small synthetic preference
+set per test session."""
 
 import importlib.util
 import os
@@ -38,6 +39,20 @@ def eval_rm():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "tiny-qwen2.5-vl")
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory, tiny_model_dir):
+    """``get(family)``: the tiny model of a family (``vlrm.tiny.TINY_FAMILIES``; the session's Qwen2.5-VL is reused),
+    built on first use."""
+    root, built = tmp_path_factory.mktemp("families"), {"qwen2_5_vl": tiny_model_dir}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_model_dir(root / family, family=family)
+        return built[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ from transformers import AutoProcessor
 
 from vlrm.batching import PreferenceEncoder
 from vlrm.model import VLRewardModel
-from vlrm.packing import make_collator
+from vlrm.packing import enable_packed_attention, make_collator
 from vlrm.prepare import load_preference_dataset
 from vlrm.synthetic import make_synthetic_dataset
 
@@ -156,10 +156,12 @@ def assert_same_rewards(got: torch.Tensor, want: torch.Tensor, name: str) -> Non
     torch.testing.assert_close(got, want, rtol=0, atol=REWARD_TOLERANCE, msg=lambda detail: f"{name}: {detail}")
 
 
-def score(model_dir: Path, data_dir: Path) -> torch.Tensor:
+def score(model_dir: Path, data_dir: Path, packing: bool = False) -> torch.Tensor:
     """Rewards of the eval pairs ([chosen..., rejected...]) from a saved model, loaded in this one process."""
     model = VLRewardModel.from_pretrained(model_dir, dtype=torch.float32).eval()
-    collator = make_collator(PreferenceEncoder(AutoProcessor.from_pretrained(model_dir)))
+    if packing:
+        enable_packed_attention(model)
+    collator = make_collator(PreferenceEncoder(AutoProcessor.from_pretrained(model_dir)), packing)
     rows, _ = load_preference_dataset(str(data_dir / "eval.jsonl"))
     batch = collator(list(rows))
     for key in ("num_pairs", "num_irrelevant", "margin"):
@@ -223,6 +225,24 @@ def test_zero_checkpoints_reload_with_the_rewards_of_training(stage, zero_runs, 
     assert_same_rewards(score(run, data_dir), rewards_by_step[STEPS], "final model vs last checkpoint")
     # The two checkpoints differ, so a checkpoint that kept stale weights could not pass.
     assert (rewards_by_step[2] - rewards_by_step[STEPS]).abs().max() > 100 * REWARD_TOLERANCE
+
+
+def test_qwen3_5_packed_zero3_checkpoint_reloads_with_the_rewards_of_training(launch, family_dirs, data_dir):
+    """Another family under ZeRO-3: Qwen3.5's packed layout (its linear-attention layers run per segment) on
+    partitioned weights; the checkpoint reloads in one process with the rewards the two ranks computed."""
+    run = launch(
+        "qwen3_5_zero3", 2, "--model_name_or_path", str(family_dirs("qwen3_5")), "--deepspeed",
+        str(ROOT / "zero3.json"), driver=True,
+    )  # fmt: skip
+    checkpoint = run / f"checkpoint-{STEPS}"
+    probe = json.loads((checkpoint / "probe_rank0.json").read_text())
+    assert probe["zero_stage"] == 3 and probe["local_numel"] < probe["full_numel"] / 10
+    assert json.loads((checkpoint / "config.json").read_text())["vlrm_family"] == "qwen3_5"
+    # The packed layout, as in training: the same computation, so the same rewards to round-off. (The padded layout
+    # runs transformers' chunked delta rule over other chunk boundaries, a float32 difference of its own.)
+    reloaded = score(checkpoint, data_dir, packing=True)
+    assert_same_rewards(reloaded, torch.tensor(probe["rewards"]), "Qwen3.5 ZeRO-3 reloaded")
+    torch.testing.assert_close(score(checkpoint, data_dir), reloaded, rtol=1e-4, atol=1e-5)  # and padded
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from vlrm.lora import linear_layer_names
 from vlrm.model import VLRewardModel
 from vlrm.packing import PackedPreferenceCollator, enable_packed_attention
 from vlrm.prepare import load_preference_dataset
-from vlrm.tiny import TINY_FAMILIES, build_tiny_model_dir
+from vlrm.tiny import TINY_FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKED = [family.name for family in FAMILIES if family.packed]
@@ -48,19 +48,6 @@ EXPORTED = {
     "gemma3": "Gemma3ForSequenceClassification",
 }  # fmt: skip
 END_OF_TURN = dict.fromkeys(EXPORTED, "<|im_end|>") | {"llava": "</s>", "gemma3": "<end_of_turn>"}
-
-
-@pytest.fixture(scope="session")
-def family_dirs(tmp_path_factory, tiny_model_dir):
-    """The tiny model of every family (the session's Qwen2.5-VL is reused), built on first use."""
-    root, built = tmp_path_factory.mktemp("families"), {"qwen2_5_vl": tiny_model_dir}
-
-    def get(family: str) -> Path:
-        if family not in built:
-            built[family] = build_tiny_model_dir(root / family, family=family)
-        return built[family]
-
-    return get
 
 
 def _encoder(model_dir) -> PreferenceEncoder:
@@ -135,7 +122,7 @@ def test_freeze_vit_freezes_exactly_the_vision_tower(name, family_dirs):
     assert bool(merger_layers) == (name != "gemma3")
 
 
-def _train(tmp_path, model_dir, synthetic_dir):
+def _train(tmp_path, model_dir, synthetic_dir, *overrides):
     config = tmp_path / "train.yaml"
     config.write_text(
         f"model_name_or_path: {model_dir}\ndataset_path: {synthetic_dir / 'train.jsonl'}\n"
@@ -145,7 +132,7 @@ def _train(tmp_path, model_dir, synthetic_dir):
         "reward_stats_samples: 8\nfreeze_vit: true\n"
     )
     argv = sys.argv
-    sys.argv = ["train_rm.py", str(config)]
+    sys.argv = ["train_rm.py", str(config), *overrides]
     try:
         return runpy.run_path(str(ROOT / "train_rm.py"), run_name="__main__")
     finally:
@@ -208,6 +195,27 @@ def test_qwen3_5_linear_attention_branches_start_from_their_prompt(name, family_
             layer.__class__ = type(layer).__mro__[1]
         naive = model(**packed).rewards
     assert not torch.allclose(naive, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl", "qwen3_5", "gemma3"])
+def test_lora_adapter_checkpoint_scores_as_in_training(name, tmp_path, family_dirs, synthetic_dir):
+    """LoRA on the language model and the aligners (Qwen3-VL's merger and DeepStack mergers); the adapter
+    checkpoint, merged on load, scores as the adapter model did in training."""
+    from vlrm.scoring import RewardScorer
+
+    run = _train(tmp_path, family_dirs(name), synthetic_dir, "--use_lora", "true", "--lora_r", "4", "--lora_vision",
+                 "merger", "--freeze_vit", "false")  # fmt: skip
+    adapted = {key.split(".lora_")[0] for key, _ in run["model"].named_parameters() if ".lora_" in key}
+    _, aligners = VISION[name]
+    assert any(any(f".model.{part}." in layer for part in aligners) for layer in adapted) == (name != "gemma3")
+    assert (tmp_path / "out" / "adapter_config.json").is_file()
+    dataset, _ = load_preference_dataset(synthetic_dir / "eval.jsonl", max_samples=4)
+    scorer = RewardScorer.from_pretrained(tmp_path / "out", device="cpu")
+    batch = PaddedPreferenceCollator(scorer.encoder)(list(dataset))
+    inputs = {key: value for key, value in batch.items() if key not in ("num_pairs", "num_irrelevant", "margin")}
+    with torch.no_grad():
+        in_training = run["model"].eval()(**inputs).rewards
+        torch.testing.assert_close(scorer.model(**inputs).rewards, in_training, rtol=0, atol=1e-5)
 
 
 def test_qwen3_5_checkpoint_loads_in_transformers_sequence_classification(family_dirs, tmp_path, synthetic_dir):
