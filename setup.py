@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 setup(
     name="vlrm",
     version="0.1.0",
-    description="Train and evaluate reward models for vision-language models (Qwen2.5-VL, MiMo-VL).",
+    description="Train and evaluate reward models for vision-language models (Qwen2/2.5/3-VL, Qwen3.5, MiMo-VL, any image-text-to-text model).",
     packages=find_packages(include=["vlrm", "vlrm.*"]),
     python_requires=">=3.10",
     install_requires=[

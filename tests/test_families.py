@@ -247,3 +247,46 @@ def test_pixel_limits_name_the_processor_that_resizes_to_a_fixed_size(family_dir
     qwen = AutoProcessor.from_pretrained(family_dirs("qwen3_vl"))
     apply_pixel_limits(qwen, None, 64 * 64)
     assert qwen.image_processor.size["longest_edge"] == 64 * 64
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl", "qwen3_5", "gemma3"])
+def test_single_responses_and_the_grpo_reward_function_score_as_pairs(name, tmp_path, family_dirs, synthetic_dir):
+    """The reward in use on other families: ``RewardScorer.score`` (packed where the family packs, padded for the
+    generic path) and TRL's reward-function contract give each response the reward the pair collator gives it."""
+    from vlrm.rewards import VLRewardFunction
+    from vlrm.scoring import RewardScorer
+
+    model = VLRewardModel.from_pretrained(family_dirs(name))
+    with torch.no_grad():
+        model.score.weight.normal_(generator=torch.Generator().manual_seed(2))
+    model.save_pretrained(tmp_path / "reward")
+    AutoProcessor.from_pretrained(family_dirs(name)).save_pretrained(tmp_path / "reward")
+    scorer = RewardScorer.from_pretrained(tmp_path / "reward", device="cpu")
+    assert scorer.packing == family_of(model.config).packed
+    rows = list(load_preference_dataset(synthetic_dir / "eval.jsonl", max_samples=4)[0])
+    pairs = scorer.score_pairs(rows, progress=False)
+    singles = [{"prompt": row["prompt"], "images": row["images"], "response": row["chosen"]} for row in rows]
+    np.testing.assert_allclose(scorer.score(singles), pairs.chosen, rtol=0, atol=1e-5)
+    reward = VLRewardFunction.from_pretrained(tmp_path / "reward", device="cpu")
+    from_trl = reward([row["prompt"] for row in rows], [row["rejected"] for row in rows],
+                      images=[row["images"] for row in rows])  # fmt: skip
+    np.testing.assert_allclose(from_trl, pairs.rejected, rtol=0, atol=1e-5)
+
+
+def test_get_reward_refuses_chat_text_it_cannot_read_back(tmp_path, family_dirs):
+    """OpenRLHF's /get_reward on a Gemma 3 checkpoint: a plain question is scored; a Gemma-templated prompt, which
+    would be templated a second time, is refused with the item and field (chat turns are read back in Qwen's format)."""
+    from vlrm.scoring import RewardScorer
+    from vlrm.server import RequestError, RequestParser, ServerSettings
+
+    model = VLRewardModel.from_pretrained(family_dirs("gemma3"))
+    model.save_pretrained(tmp_path / "reward")
+    AutoProcessor.from_pretrained(family_dirs("gemma3")).save_pretrained(tmp_path / "reward")
+    parser = RequestParser(RewardScorer.from_pretrained(tmp_path / "reward", device="cpu"), ServerSettings())
+    rows, _ = parser.get_reward_request(json.dumps({"query": ["Colour? Red."], "prompts": ["Colour? "]}).encode())
+    assert rows[0]["prompt"][0]["content"][-1]["text"] == "Colour? " and rows[0]["response"] == "Red."
+    templated = "<bos><start_of_turn>user\nColour?<end_of_turn>\n<start_of_turn>model\n"
+    body = json.dumps({"query": [templated + "Red."], "prompts": [templated]}).encode()
+    with pytest.raises(RequestError, match="chat format is not read back") as raised:
+        parser.get_reward_request(body)
+    assert (raised.value.item, raised.value.field) == (0, "prompts")

@@ -105,7 +105,7 @@ class RewardScorer:
         self.max_seq_length = max_seq_length
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
-        # A family without the packed layout (vlrm.families: Qwen3.5, the generic path) is scored padded.
+        # A family without the packed layout (vlrm.families: the generic path) is scored padded.
         packing = packing and model.family.packed
         if packing:
             enable_packed_attention(self.model)

@@ -355,6 +355,10 @@ class RequestParser:
         )
         # OpenRLHF's queries end with the end-of-turn token and padding; the encoder adds the end-of-turn itself.
         self.trailing_end_tokens = re.compile(rf"(?:{end_tokens})(?:\s*(?:{end_tokens}))*\s*$")
+        # Chat text is read back into turns in Qwen's format only; in another family's, a prompt with its markers
+        # would be taken for a plain question and templated twice, so such a prompt is refused instead.
+        self.qwen_chat = self.encoder.end_of_turn == "<|im_end|>"
+        self.chat_markers = sorted(set(tokenizer.all_special_tokens) - {None, ""}, key=len, reverse=True)
 
     def score_request(self, body: bytes) -> tuple[list[dict], bool]:
         payload = _json_object(body, ("items", "normalize"))
@@ -386,8 +390,14 @@ class RequestParser:
             prompt_text, response = split_query(_text(query, index, "query"), prompt, index)
             response = self.trailing_end_tokens.sub("", response)
             prompt_field = "query" if prompts is None else "prompts"
-            if "<|im_start|>" in prompt_text:
+            if self.qwen_chat and "<|im_start|>" in prompt_text:
                 prompt_value = self._chat_prompt(prompt_text, index, prompt_field)
+            elif not self.qwen_chat and any(marker in prompt_text for marker in self.chat_markers):
+                raise RequestError(
+                    "this checkpoint's chat format is not read back into turns (Qwen's is): send the plain question "
+                    "in `prompts`, or messages to /score",
+                    index, prompt_field,
+                )  # fmt: skip
             else:
                 prompt_value = prompt_text  # a plain question
             image_values = [] if images is None else images[index]
