@@ -87,6 +87,11 @@ if config.packing and not family.packed:
 processor = AutoProcessor.from_pretrained(config.model_name_or_path)
 apply_pixel_limits(processor, config.min_pixels, config.max_pixels)  # saved with every checkpoint
 encoder = PreferenceEncoder(processor)
+if family.end_of_turn and encoder.end_of_turn != family.end_of_turn:
+    logger.warning(
+        "the chat template ends assistant turns with %r, not %s's %r: rewards are read at %r", encoder.end_of_turn,
+        family.title, family.end_of_turn, encoder.end_of_turn,
+    )  # fmt: skip
 
 # Prepared once into a memory-mapped Arrow set (vlrm.prepare), or loaded from its cache: each node's first process
 # goes first, the other ranks wait at a barrier and then load what it wrote.

@@ -221,15 +221,19 @@ def test_lora_adapter_checkpoint_scores_as_in_training(name, tmp_path, family_di
 def test_qwen3_5_checkpoint_loads_in_transformers_sequence_classification(family_dirs, tmp_path, synthetic_dir):
     """Same ``model`` + ``score`` layout and last-token pooling: a vlrm checkpoint is a
     ``Qwen3_5ForSequenceClassification`` checkpoint as it stands."""
-    from transformers import Qwen3_5ForSequenceClassification
+    import transformers
 
+    native_class = getattr(
+        transformers, family_of(AutoConfig.from_pretrained(family_dirs("qwen3_5"))).native_classifier
+    )
     encoder = _encoder(family_dirs("qwen3_5"))
     model = VLRewardModel.from_pretrained(family_dirs("qwen3_5")).eval()
     with torch.no_grad():
         model.score.weight.normal_(generator=torch.Generator().manual_seed(1))
     model.config.pad_token_id = encoder.pad_token_id
     model.save_pretrained(tmp_path / "reward")
-    native = Qwen3_5ForSequenceClassification.from_pretrained(tmp_path / "reward").eval()
+    native = native_class.from_pretrained(tmp_path / "reward").eval()
+    assert native_class.__name__ == "Qwen3_5ForSequenceClassification"
     dataset, _ = load_preference_dataset(synthetic_dir / "eval.jsonl", max_samples=4)
     batch = PaddedPreferenceCollator(encoder)(list(dataset))
     inputs = {key: value for key, value in batch.items() if key not in ("num_pairs", "num_irrelevant", "margin")}

@@ -23,6 +23,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, flash
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
 from vlrm.families import family_of, text_config
+from vlrm.recurrent import enable_packed_recurrence
 
 if TYPE_CHECKING:
     from vlrm.packing import PackedLayout
@@ -203,6 +204,7 @@ def enable_packed_attention(model: Any) -> None:
     """Switch the language model's attention to the packed function standing in for its current one (sdpa/eager ->
     packed SDPA, flash_attention_2 -> flash-attn varlen). The vision tower keeps its attention. Idempotent; the
     choice is not saved with the checkpoint. Call after loading and before DeepSpeed/accelerate wrap the model.
+    For a family with linear-attention layers (Qwen3.5) it also gives those their packed path (``vlrm.recurrent``).
     Raises ``ValueError`` for a family without the packed layout (``vlrm.families``: ``packed``)."""
     family = family_of(model.config)
     if not family.packed:
@@ -224,8 +226,6 @@ def enable_packed_attention(model: Any) -> None:
         )
     model.set_attn_implementation({"text_config": PACKED_IMPLEMENTATIONS[current]})
     if family.recurrent:  # Qwen3.5's linear-attention layers: each branch from its prompt's state
-        from vlrm.recurrent import enable_packed_recurrence
-
         enable_packed_recurrence(model)
 
 

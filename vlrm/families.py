@@ -23,8 +23,9 @@ What an entry says:
 - ``packed``: whether the packed layout is supported, and ``padded_reason`` when it is not. ``recurrent``: the family
   has linear-attention layers (Qwen3.5's Gated DeltaNet), which the packed layout runs segment by segment so that
   each branch starts from its prompt's convolution and recurrent state (``vlrm.recurrent``).
-- ``end_of_turn``: the token the reward is read at; ``None`` reads it from the chat template (the first special
-  token after an assistant message).
+- ``end_of_turn``: the token the family's chat template closes an assistant turn with, where the reward is read.
+  The encoder always reads it from the checkpoint's own template (``vlrm.batching.chat_end_of_turn``); training
+  warns when the two differ (a custom template), ``None`` (the generic path) has nothing to compare.
 - ``native_classifier``: a transformers class that loads a vlrm checkpoint unchanged with the same rewards (the same
   ``model`` + ``score`` layout and last-token pooling); ``sequence_classification``: the architecture name the vLLM
   export writes.
