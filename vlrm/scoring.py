@@ -105,8 +105,9 @@ class RewardScorer:
         self.max_seq_length = max_seq_length
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
-        # A family without the packed layout (vlrm.families: the generic path) is scored padded.
-        packing = packing and model.family.packed
+        if packing and not model.family.packed:  # vlrm.families: the generic path
+            logger.info("%s has no packed layout: scoring with the padded layout", model.family.title)
+            packing = False
         if packing:
             enable_packed_attention(self.model)
         self.processor = processor
