@@ -5,9 +5,6 @@ transformers' own sequence-classification class."""
 
 import importlib
 import json
-import runpy
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoProcessor, set_seed
 
 from tests.test_packing import _assert_same_rewards_and_grads, _model_inputs, _prompt, _row, _same_prompt
+from tests.test_train import run_train
 from vlrm.batching import PaddedPreferenceCollator, PreferenceEncoder, split_rewards
 from vlrm.export import export_for_vllm
 from vlrm.families import FAMILIES, GENERIC, family_of
@@ -25,7 +23,6 @@ from vlrm.packing import PackedPreferenceCollator, enable_packed_attention
 from vlrm.prepare import load_preference_dataset
 from vlrm.tiny import TINY_FAMILIES
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKED = [family.name for family in FAMILIES if family.packed]
 # family -> (vision tower, its aligners: they keep training under freeze_vit), as the test expects them
 VISION = {
@@ -123,20 +120,11 @@ def test_freeze_vit_freezes_exactly_the_vision_tower(name, family_dirs):
 
 
 def _train(tmp_path, model_dir, synthetic_dir, *overrides):
-    config = tmp_path / "train.yaml"
-    config.write_text(
-        f"model_name_or_path: {model_dir}\ndataset_path: {synthetic_dir / 'train.jsonl'}\n"
-        f"output_dir: {tmp_path / 'out'}\nlog_dir: {tmp_path / 'logs'}\nmax_train_samples: 8\n"
-        "per_device_train_batch_size: 4\nlearning_rate: 2.0e-3\nmax_steps: 8\nlogging_steps: 1\nsave_strategy: 'no'\n"
-        "eval_strategy: 'no'\nbf16: false\nuse_cpu: true\nseed: 3\nmax_seq_length: 512\nreport_to: none\n"
-        "reward_stats_samples: 8\nfreeze_vit: true\n"
-    )
-    argv = sys.argv
-    sys.argv = ["train_rm.py", str(config), *overrides]
-    try:
-        return runpy.run_path(str(ROOT / "train_rm.py"), run_name="__main__")
-    finally:
-        sys.argv = argv
+    """train_rm.py in-process (``tests.test_train.run_train``): 8 steps, 4 epochs over 8 pairs, the final model only."""
+    return run_train(
+        tmp_path, model_dir, synthetic_dir, "--max_train_samples", "8", "--max_steps", "8", "--learning_rate", "2e-3",
+        "--save_strategy", "no", "--reward_stats_samples", "8", "--freeze_vit", "true", *overrides,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(VISION))
