@@ -22,7 +22,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, flash_attention_mask, sdpa_mask
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
-from vlrm.families import family_of, text_config
+from vlrm.families import family_of
 from vlrm.recurrent import enable_packed_recurrence
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ def enable_packed_attention(model: Any) -> None:
     family = family_of(model.config)
     if not family.packed:
         raise ValueError(f"{family.title} ({model.config.model_type}) has no packed layout: {family.padded_reason}")
-    language = text_config(model.config)
+    language = model.config.get_text_config()
     current = language._attn_implementation
     if current in PACKED_IMPLEMENTATIONS.values():
         return
@@ -230,4 +230,4 @@ def enable_packed_attention(model: Any) -> None:
 
 
 def uses_packed_attention(model: Any) -> bool:
-    return text_config(model.config)._attn_implementation in PACKED_IMPLEMENTATIONS.values()
+    return model.config.get_text_config()._attn_implementation in PACKED_IMPLEMENTATIONS.values()

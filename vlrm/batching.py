@@ -214,6 +214,15 @@ def pad_with_processor(encoder: PreferenceEncoder, rows: list[tuple[list[dict], 
     return batch
 
 
+def pad_rows(encoder: PreferenceEncoder, rows: list[tuple[list[dict], list, list[int]]]) -> dict[str, Any]:
+    """The padded layout of ``(prompt messages, images, response ids)`` rows, through the encoding the processor
+    has: Qwen-style patch grids (``pad_branches``) or the processor itself (``pad_with_processor``)."""
+    if not encoder.grid_images:
+        return pad_with_processor(encoder, rows)
+    encoded = [(encoder.encode_prompt(prompt, images), response) for prompt, images, response in rows]
+    return pad_branches(encoded, encoder.pad_token_id, encoder.image_token_id)
+
+
 def pad_branches(
     sequences: list[tuple[EncodedPrompt, list[int]]], pad_token_id: int, image_token_id: int
 ) -> dict[str, torch.Tensor]:

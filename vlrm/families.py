@@ -167,8 +167,3 @@ def family_of(config: Any) -> Family:
         f"model_type {model_type!r} is not an image-text-to-text model transformers knows: vlrm loads Qwen-VL "
         f"families ({', '.join(sorted(_BY_MODEL_TYPE))}) and any AutoModelForImageTextToText checkpoint"
     )
-
-
-def text_config(config: Any) -> Any:
-    """The language model's config inside a composite VLM config."""
-    return config.get_text_config()

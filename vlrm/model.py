@@ -35,7 +35,7 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 from transformers.utils import ModelOutput
 
-from vlrm.families import Family, family_of, text_config
+from vlrm.families import Family, family_of
 from vlrm.lora import is_lora_checkpoint, load_lora_reward_model
 from vlrm.packing import packed_backbone_inputs
 
@@ -67,7 +67,7 @@ class VLRewardModel(PreTrainedModel):
         config.architectures = [type(self).__name__]  # Qwen2_5_VLRewardModel, ...
         config.vlrm_family = self.family.name
         self.model = AutoModel._model_mapping[type(config)](config)
-        self.score = nn.Linear(text_config(config).hidden_size, 1, bias=False)
+        self.score = nn.Linear(config.get_text_config().hidden_size, 1, bias=False)
         self.post_init()
 
     @classmethod
@@ -97,7 +97,7 @@ class VLRewardModel(PreTrainedModel):
         super()._init_weights(module)
         if module is getattr(self, "score", None):
             # std 1/sqrt(hidden + 1) keeps initial rewards O(1) (Stiennon et al. 2020, summarize_from_feedback).
-            nn.init.normal_(module.weight, std=1.0 / (text_config(self.config).hidden_size + 1) ** 0.5)
+            nn.init.normal_(module.weight, std=1.0 / (self.config.get_text_config().hidden_size + 1) ** 0.5)
 
     def vision_parameter_names(self) -> tuple[list[str], list[str]]:
         """(vision tower, aligner) parameter names: what ``freeze_vision_tower`` freezes, and what of the tower

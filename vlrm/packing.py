@@ -45,7 +45,6 @@ from PIL import Image
 
 from vlrm.attention import enable_packed_attention, uses_packed_attention
 from vlrm.batching import PaddedPreferenceCollator, PreferenceEncoder, add_pair_fields
-from vlrm.families import text_config
 
 __all__ = [
     "PackedLayout", "PackedPreferenceCollator", "enable_packed_attention", "make_collator", "pack_branches",
@@ -346,7 +345,7 @@ def packed_backbone_inputs(
     if not uses_packed_attention(model):
         raise ValueError(
             f"the packed layout needs the packed attention, but the language model uses "
-            f"{text_config(model.config)._attn_implementation!r}: call vlrm.packing.enable_packed_attention(model) "
+            f"{model.config.get_text_config()._attn_implementation!r}: call vlrm.packing.enable_packed_attention(model) "
             "after loading"
         )
     if input_ids.shape[0] != 1 or input_ids.shape[1] != layout.num_tokens:

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoProcessor
 
-from vlrm.batching import PreferenceEncoder, pad_branches, pad_with_processor, split_rewards
+from vlrm.batching import PreferenceEncoder, pad_rows, split_rewards
 from vlrm.checkpoints import CheckpointError, check_loadable
 from vlrm.data import user_prompt
 from vlrm.lora import is_lora_checkpoint, load_lora_reward_model, resolve_base_model
@@ -280,13 +280,8 @@ class RewardScorer:
         ):  # fmt: skip
             if self.packing:
                 batch = pack_responses(self.encoder, [sequences[index] for index in batch_indices])
-            elif self.encoder.grid_images:
-                encoded = [
-                    (self.encoder.encode_prompt(*sequences[index][:2]), sequences[index][2]) for index in batch_indices
-                ]
-                batch = pad_branches(encoded, self.encoder.pad_token_id, self.encoder.image_token_id)
             else:
-                batch = pad_with_processor(self.encoder, [sequences[index] for index in batch_indices])
+                batch = pad_rows(self.encoder, [sequences[index] for index in batch_indices])
             rewards[batch_indices] = self._forward(batch).float().cpu().numpy()
         return self.normalized(rewards) if normalize else rewards
 
