@@ -19,10 +19,10 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 $(TINY_MODEL)/config.json: vlrm/tiny/qwen.py | $(STAMP)
-	$(PY) -m vlrm.tiny --output_dir $(TINY_MODEL)
+	$(PY) -m vlrm tiny --output_dir $(TINY_MODEL)
 
-$(SYNTHETIC)/train.jsonl: vlrm/synthetic.py | $(STAMP)
-	$(PY) -m vlrm.synthetic --output_dir $(SYNTHETIC)
+$(SYNTHETIC)/train.jsonl: vlrm/data/synthetic.py | $(STAMP)
+	$(PY) -m vlrm synthetic --output_dir $(SYNTHETIC)
 
 # Train on the synthetic set, sweep every checkpoint over the held-out split, then score the final model once more
 # with every image blanked: near 0.5 there shows the model learned from the pixels, not from the answer texts.

@@ -11,7 +11,7 @@ Override any config key on the command line (`python eval_rm.py --help` lists th
     python eval_rm.py training_configs/eval_config_benchmarks.yaml      # the benchmark stand-ins, after make demo
 
 Each model dir gives its `checkpoint-*` dirs in step order, then its final model (`final`); each checkpoint is loaded
-once and scored on every dataset (benchmarks by their own protocols: vlrm/benchmarks.py). Outputs, with the default
+once and scored on every dataset (benchmarks by their own protocols: vlrm/data/benchmarks.py). Outputs, with the default
 output_file `evaluation_results.csv`:
     evaluation_results/evaluation_results.csv    one row per model x checkpoint x dataset, sorted by model then step:
                                                  status (ok | error) and error, accuracy with a 95% bootstrap
@@ -65,14 +65,16 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from vlrm.batching import PreferenceEncoder
-from vlrm.benchmarks import REFERENCE_RESULTS
-from vlrm.checkpoints import CheckpointError, find_checkpoints, weights_mtime
-from vlrm.config import EvalConfig, config_to_dict, load_config
-from vlrm.irrelevant import RowsWithIrrelevantPrompts
+from vlrm.data.benchmarks import REFERENCE_RESULTS
+from vlrm.data.prepare import load_preference_dataset
+from vlrm.errors import CheckpointError
+from vlrm.layout.encoder import PreferenceEncoder, apply_pixel_limits
 from vlrm.metrics import bias_diagnostics, evaluate_pairs, irrelevant_metrics
-from vlrm.prepare import load_preference_dataset
-from vlrm.scoring import RewardScorer, apply_pixel_limits, load_processor
+from vlrm.model.checkpoints import find_checkpoints, load_processor, weights_mtime
+from vlrm.train.config import EvalConfig
+from vlrm.train.config_files import config_to_dict, load_config
+from vlrm.train.irrelevant import RowsWithIrrelevantPrompts
+from vlrm.use.scoring import RewardScorer
 
 logger = logging.getLogger("vlrm.eval")
 

@@ -31,9 +31,9 @@ import sys
 import torch
 import uvicorn
 
-from vlrm.checkpoints import CheckpointError
-from vlrm.scoring import DEFAULT_MAX_SEQ_LENGTH, RewardScorer
-from vlrm.server import ServerSettings, create_app, require_reward_stats
+from vlrm.errors import CheckpointError
+from vlrm.use.scoring import DEFAULT_MAX_SEQ_LENGTH, RewardScorer
+from vlrm.use.server import ServerSettings, create_app, require_reward_stats
 
 logger = logging.getLogger("serve_rm")
 

@@ -9,12 +9,12 @@ Many GPUs (torchrun + DeepSpeed, see run_distributed.sh):
     ./run_distributed.sh --gpus 8 --config training_configs/7b_config.yaml -- --num_train_epochs 2
 Resume:
     python train_rm.py CONFIG --resume_from_checkpoint outputs/run/checkpoint-200
-LoRA (peft adapters + the score head; checkpoints hold only those, see vlrm/lora.py):
+LoRA (peft adapters + the score head; checkpoints hold only those, see vlrm/model/lora.py):
     python train_rm.py training_configs/tiny_demo.yaml --use_lora true --lora_r 16 --lora_alpha 32 --lora_vision merger \
         --learning_rate 1e-3 --output_dir outputs/tiny_lora
     python train_rm.py training_configs/72b_lora.yaml
-Prepare the data ahead (optional; the first run does it and caches it, see vlrm/prepare.py):
-    python -m vlrm.prepare training_configs/7b_config.yaml
+Prepare the data ahead (optional; the first run does it and caches it, see vlrm/data/prepare.py):
+    python -m vlrm prepare training_configs/7b_config.yaml
 
 The run's log goes to logs/train_TIMESTAMP.log; checkpoints (weights + config + processor) to output_dir.
 """
@@ -30,16 +30,17 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoProcessor, set_seed
 
-from vlrm.batching import PreferenceEncoder
-from vlrm.config import TrainConfig, config_to_dict, load_config
-from vlrm.families import family_of
-from vlrm.irrelevant import EpochCallback, IrrelevantPairSampler, IrrelevantQueryCollator, with_row_index
-from vlrm.lora import apply_lora, count_parameters, lora_summary
-from vlrm.model import VLRewardModel
-from vlrm.packing import enable_packed_attention, make_collator, pair_tokens
-from vlrm.prepare import pair_lengths, peak_memory_gb, prepare_training_data
-from vlrm.scoring import apply_pixel_limits
-from vlrm.trainer import LogFileCallback, VLRewardTrainer
+from vlrm.data.prepare import pair_lengths, peak_memory_gb, prepare_training_data
+from vlrm.layout.attention import enable_packed_attention
+from vlrm.layout.encoder import PreferenceEncoder, apply_pixel_limits
+from vlrm.layout.packed import make_collator, pair_tokens
+from vlrm.model.families import family_of
+from vlrm.model.lora import apply_lora, count_parameters, lora_summary
+from vlrm.model.reward_model import VLRewardModel
+from vlrm.train.config import TrainConfig
+from vlrm.train.config_files import config_to_dict, load_config
+from vlrm.train.irrelevant import EpochCallback, IrrelevantPairSampler, IrrelevantQueryCollator, with_row_index
+from vlrm.train.trainer import LogFileCallback, VLRewardTrainer
 
 logger = logging.getLogger("vlrm")
 
@@ -93,7 +94,7 @@ if family.end_of_turn and encoder.end_of_turn != family.end_of_turn:
         family.title, family.end_of_turn, encoder.end_of_turn,
     )  # fmt: skip
 
-# Prepared once into a memory-mapped Arrow set (vlrm.prepare), or loaded from its cache: each node's first process
+# Prepared once into a memory-mapped Arrow set (vlrm.data.prepare), or loaded from its cache: each node's first process
 # goes first, the other ranks wait at a barrier and then load what it wrote.
 with config.main_process_first(desc="preparing data"):
     data_started = time.perf_counter()
@@ -125,7 +126,7 @@ if config.freeze_vit:
 if config.packing:
     enable_packed_attention(model)  # language-model attention for the packed layout; the padded layout still works
 if config.use_lora:
-    # peft adapters (vlrm.lora): the backbone frozen, the adapters and the whole score head trained and saved.
+    # peft adapters (vlrm.model.lora): the backbone frozen, the adapters and the whole score head trained and saved.
     model = apply_lora(model, config)
 trainable, total = count_parameters(model)  # ZeRO-3 placeholders counted at their full size
 logger.info(
@@ -170,7 +171,7 @@ trainer = VLRewardTrainer(
 )
 trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
 if config.reward_stats_samples:
-    # The final model's reward scale, saved in its config: RL code normalises with it (vlrm.rewards, serve_rm.py).
+    # The final model's reward scale, saved in its config: RL code normalises with it (vlrm.use.rewards, serve_rm.py).
     count = min(config.reward_stats_samples, len(train_dataset))
     sample = np.random.default_rng(config.seed).choice(len(train_dataset), count, replace=False)
     mean, std, responses = trainer.reward_statistics(

@@ -108,8 +108,8 @@ def measure_decode(data: Path, _args) -> dict:
 def measure_prepare(data: Path, args) -> dict:
     from transformers import AutoProcessor
 
-    from vlrm.batching import PreferenceEncoder
-    from vlrm.prepare import DataSettings, prepare_mixture
+    from vlrm.data.prepare import DataSettings, prepare_mixture
+    from vlrm.layout.encoder import PreferenceEncoder
 
     encoder = PreferenceEncoder(AutoProcessor.from_pretrained(args.model_dir))
     settings = DataSettings(max_seq_length=4096, num_proc=args.num_proc, cache_dir=args.cache_dir)

@@ -18,12 +18,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vlrm.irrelevant import RowsWithIrrelevantPrompts  # noqa: E402
+from vlrm.data.prepare import load_preference_dataset  # noqa: E402
+from vlrm.data.synthetic import make_synthetic_dataset  # noqa: E402
 from vlrm.metrics import irrelevant_metrics, preference_metrics  # noqa: E402
-from vlrm.prepare import load_preference_dataset  # noqa: E402
-from vlrm.scoring import RewardScorer  # noqa: E402
-from vlrm.synthetic import make_synthetic_dataset  # noqa: E402
 from vlrm.tiny import build_tiny_model_dir  # noqa: E402
+from vlrm.train.irrelevant import RowsWithIrrelevantPrompts  # noqa: E402
+from vlrm.use.scoring import RewardScorer  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--config", default=str(ROOT / "training_configs" / "tiny_demo.yaml"))

@@ -100,8 +100,8 @@ def tensor_bytes(tensors) -> int:
 def setup(args):
     import torch
 
-    from vlrm.batching import PreferenceEncoder
-    from vlrm.packing import PackedPreferenceCollator
+    from vlrm.layout.encoder import PreferenceEncoder
+    from vlrm.layout.packed import PackedPreferenceCollator
 
     torch.set_num_threads(args.threads)
     packing_args = argparse.Namespace(**vars(args), images=1, irrelevant=0)
@@ -116,8 +116,8 @@ def build_mode(args, packing_args, processor, mode: str):
     AdamW over the trainable parameters."""
     import torch
 
-    from vlrm.lora import LoraArguments, apply_lora
-    from vlrm.packing import enable_packed_attention
+    from vlrm.layout.attention import enable_packed_attention
+    from vlrm.model.lora import LoraArguments, apply_lora
 
     model = bench_packing.build_model(packing_args, processor.tokenizer)
     enable_packed_attention(model)
@@ -135,7 +135,7 @@ def train_step(model, optimizer, batch, device) -> float:
     import torch
     import torch.nn.functional as F
 
-    from vlrm.batching import split_rewards
+    from vlrm.layout.padded import split_rewards
 
     inputs = bench_packing.to_device(batch, model, device)  # the packed layout moves itself in the forward
     if device.type == "cuda":
@@ -180,7 +180,7 @@ def timing_worker(args, modes: list[str]) -> dict:
 def memory_worker(args, mode: str) -> dict:
     import torch
 
-    from vlrm.lora import count_parameters
+    from vlrm.model.lora import count_parameters
 
     device = torch.device(args.device)
     packing_args, processor, micro_batches = setup(args)
@@ -210,8 +210,8 @@ def real_model_rows(ranks: list[int]) -> list[dict]:
     import torch
     from transformers import Qwen2_5_VLConfig
 
-    from vlrm.lora import LoraArguments, apply_lora, count_parameters
-    from vlrm.model import VLRewardModel
+    from vlrm.model.lora import LoraArguments, apply_lora, count_parameters
+    from vlrm.model.reward_model import VLRewardModel
 
     rows = []
     for name, text in REAL_TEXT_SHAPES.items():

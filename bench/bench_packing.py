@@ -187,7 +187,7 @@ def check_family(name: str) -> str | None:
     """Why ``name`` cannot run here, or None: the bench compares the two layouts, so it needs the packed one."""
     if name in FAMILY_PRESETS:
         return None
-    from vlrm.families import FAMILIES, GENERIC, family_named
+    from vlrm.model.families import FAMILIES, GENERIC, family_named
 
     packed = ", ".join(FAMILY_PRESETS)
     try:
@@ -282,7 +282,7 @@ def build_config(args, tokenizer):
 def build_model(args, tokenizer):
     import torch
 
-    from vlrm.model import VLRewardModel
+    from vlrm.model.reward_model import VLRewardModel
 
     config = build_config(args, tokenizer)
     torch.manual_seed(args.seed)  # the same weights in every subprocess (on the same device)
@@ -353,8 +353,10 @@ def peak_memory_mib(device) -> float:
 def setup(args, mode: str):
     import torch
 
-    from vlrm.batching import PaddedPreferenceCollator, PreferenceEncoder
-    from vlrm.packing import PackedPreferenceCollator, enable_packed_attention
+    from vlrm.layout.attention import enable_packed_attention
+    from vlrm.layout.encoder import PreferenceEncoder
+    from vlrm.layout.packed import PackedPreferenceCollator
+    from vlrm.layout.padded import PaddedPreferenceCollator
 
     torch.set_num_threads(args.threads)
     processor = build_processor(args)
@@ -386,7 +388,7 @@ def make_step(args, model, mode: str):
     import torch
     import torch.nn.functional as F
 
-    from vlrm.batching import split_rewards
+    from vlrm.layout.padded import split_rewards
 
     device = torch.device(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6) if mode == "train" else None

@@ -256,8 +256,8 @@ def group_scoring(args, checkpoint: Path, groups: list[dict]) -> dict:
     import torch
     from PIL import Image
 
-    from vlrm.data import to_rgb
-    from vlrm.scoring import RewardScorer
+    from vlrm.data.images import to_rgb
+    from vlrm.use.scoring import RewardScorer
 
     torch.set_num_threads(args.threads)
     scorers = {layout: RewardScorer.from_pretrained(checkpoint, packing=layout == "packed", device="cpu")

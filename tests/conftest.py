@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from vlrm.batching import PreferenceEncoder
-from vlrm.model import VLRewardModel
-from vlrm.synthetic import make_synthetic_dataset
+from vlrm.data.synthetic import make_synthetic_dataset
+from vlrm.layout.encoder import PreferenceEncoder
+from vlrm.model.reward_model import VLRewardModel
 from vlrm.tiny import build_tiny_model_dir
 
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-import vlrm.trainer  # noqa: E402
+import vlrm.train.trainer  # noqa: E402
 
 
 def start_deepspeed_on_cpu() -> list[str]:
@@ -77,7 +77,7 @@ class RewardProbe(TrainerCallback):
         path.write_text(json.dumps(probe))
 
 
-class ProbedTrainer(vlrm.trainer.VLRewardTrainer):
+class ProbedTrainer(vlrm.train.trainer.VLRewardTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_callback(RewardProbe(self))
@@ -86,6 +86,6 @@ class ProbedTrainer(vlrm.trainer.VLRewardTrainer):
 overrides = sys.argv[2:]
 if any(arg.split("=")[0] == "--deepspeed" for arg in overrides) and not torch.cuda.is_available():
     overrides += start_deepspeed_on_cpu()
-vlrm.trainer.VLRewardTrainer = ProbedTrainer  # train_rm.py imports it from the module when it runs
+vlrm.train.trainer.VLRewardTrainer = ProbedTrainer  # train_rm.py imports it from the module when it runs
 sys.argv = [str(REPO / "train_rm.py"), sys.argv[1], *overrides]
 runpy.run_path(str(REPO / "train_rm.py"), run_name="__main__")

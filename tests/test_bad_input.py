@@ -14,11 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from vlrm.batching import open_image
-from vlrm.config import ConfigError, TrainConfig, load_config
-from vlrm.data import BadSampleError, to_rgb
-from vlrm.prepare import load_preference_dataset
-from vlrm.scoring import RewardScorer
+from vlrm.data.images import to_rgb
+from vlrm.data.prepare import load_preference_dataset
+from vlrm.errors import BadSampleError, ConfigError
+from vlrm.layout.encoder import open_image
+from vlrm.train.config import TrainConfig
+from vlrm.train.config_files import load_config
+from vlrm.use.scoring import RewardScorer
 
 ROOT = Path(__file__).resolve().parents[1]
 

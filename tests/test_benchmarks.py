@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from vlrm.data.prepare import load_preference_dataset
 from vlrm.metrics import bias_diagnostics, evaluate_pairs
-from vlrm.prepare import load_preference_dataset
-from vlrm.scoring import RewardScorer
+from vlrm.use.scoring import RewardScorer
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:

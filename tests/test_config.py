@@ -3,7 +3,9 @@ import importlib.util
 import pytest
 import torch
 
-from vlrm.config import ConfigError, TrainConfig, load_config
+from vlrm.errors import ConfigError
+from vlrm.train.config import TrainConfig
+from vlrm.train.config_files import load_config
 
 
 @pytest.fixture

@@ -20,8 +20,9 @@ import torch
 import yaml
 from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config
 
-from vlrm import config as config_module
-from vlrm.config import TrainConfig, load_config
+import vlrm.train.config as config_module
+from vlrm.train.config import TrainConfig
+from vlrm.train.config_files import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "training_configs"
@@ -151,7 +152,7 @@ def test_training_output_dirs_are_distinct():
 def test_eval_config_validates(path, monkeypatch):
     eval_config_class = getattr(config_module, "EvalConfig", None)
     if eval_config_class is None:
-        pytest.fail("vlrm.config.EvalConfig is missing, but there are eval configs to validate")
+        pytest.fail("vlrm.train.config.EvalConfig is missing, but there are eval configs to validate")
     monkeypatch.chdir(ROOT)
     values = read(path)
     check_choices(eval_config_class, values)

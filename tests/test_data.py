@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from vlrm.data import BadSampleError
-from vlrm.prepare import load_preference_dataset, pair_lengths
-from vlrm.synthetic import draw_shapes, make_synthetic_dataset
+from vlrm.data.prepare import load_preference_dataset, pair_lengths
+from vlrm.data.synthetic import draw_shapes, make_synthetic_dataset
+from vlrm.errors import BadSampleError
 
 
 def _png_bytes(color=(200, 10, 10)):

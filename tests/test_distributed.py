@@ -35,11 +35,12 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from vlrm.batching import PreferenceEncoder
-from vlrm.model import VLRewardModel
-from vlrm.packing import enable_packed_attention, make_collator
-from vlrm.prepare import load_preference_dataset
-from vlrm.synthetic import make_synthetic_dataset
+from vlrm.data.prepare import load_preference_dataset
+from vlrm.data.synthetic import make_synthetic_dataset
+from vlrm.layout.attention import enable_packed_attention
+from vlrm.layout.encoder import PreferenceEncoder
+from vlrm.layout.packed import make_collator
+from vlrm.model.reward_model import VLRewardModel
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "run_distributed.sh"
@@ -289,7 +290,7 @@ def deepspeed_param_groups(checkpoint: Path) -> list[dict]:
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_lora_zero_runs_save_adapters_that_reload_with_the_rewards_of_training(stage, lora_zero_runs, data_dir):
-    from vlrm.scoring import RewardScorer
+    from vlrm.use.scoring import RewardScorer
 
     run = lora_zero_runs[stage]
     logs = step_logs(run)

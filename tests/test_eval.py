@@ -14,13 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from vlrm.batching import split_rewards
-from vlrm.checkpoints import CheckpointError, check_loadable, find_checkpoints, parse_step
-from vlrm.config import ConfigError, EvalConfig, load_config
-from vlrm.model import VLRewardModel
-from vlrm.packing import make_collator
-from vlrm.prepare import load_preference_dataset
-from vlrm.scoring import RewardScorer
+from vlrm.data.prepare import load_preference_dataset
+from vlrm.errors import CheckpointError, ConfigError
+from vlrm.layout.packed import make_collator
+from vlrm.layout.padded import split_rewards
+from vlrm.model.checkpoints import check_loadable, find_checkpoints, parse_step
+from vlrm.model.reward_model import VLRewardModel
+from vlrm.train.config import EvalConfig
+from vlrm.train.config_files import load_config
+from vlrm.use.scoring import RewardScorer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -385,8 +387,8 @@ def test_run_eval_sh_passes_gpu_and_exit_code(tmp_path, reward_model, processor,
 def test_irrelevant_scores_are_the_chosen_response_under_the_drawn_prompts(
     tmp_path, reward_model, processor, synthetic_dir
 ):
-    from vlrm.irrelevant import RowsWithIrrelevantPrompts
     from vlrm.metrics import irrelevant_metrics
+    from vlrm.train.irrelevant import RowsWithIrrelevantPrompts
 
     checkpoint = save_checkpoint(reward_model, processor, tmp_path / "checkpoint-1", seed=2)
     scorer = RewardScorer.from_pretrained(checkpoint)

@@ -14,14 +14,16 @@ from transformers import AutoConfig, AutoProcessor, set_seed
 
 from tests.test_packing import _assert_same_rewards_and_grads, _model_inputs, _prompt, _row, _same_prompt
 from tests.test_train import run_train
-from vlrm.batching import PaddedPreferenceCollator, PreferenceEncoder, split_rewards
-from vlrm.export import export_for_vllm
-from vlrm.families import FAMILIES, GENERIC, family_of
-from vlrm.lora import linear_layer_names
-from vlrm.model import VLRewardModel
-from vlrm.packing import PackedPreferenceCollator, enable_packed_attention
-from vlrm.prepare import load_preference_dataset
+from vlrm.data.prepare import load_preference_dataset
+from vlrm.layout.attention import enable_packed_attention
+from vlrm.layout.encoder import PreferenceEncoder
+from vlrm.layout.packed import PackedPreferenceCollator
+from vlrm.layout.padded import PaddedPreferenceCollator, split_rewards
+from vlrm.model.families import FAMILIES, GENERIC, family_of
+from vlrm.model.lora import linear_layer_names
+from vlrm.model.reward_model import VLRewardModel
 from vlrm.tiny import TINY_FAMILIES
+from vlrm.use.export import export_for_vllm
 
 PACKED = [family.name for family in FAMILIES if family.packed]
 # family -> (vision tower, its aligners: they keep training under freeze_vit), as the test expects them
@@ -189,7 +191,7 @@ def test_qwen3_5_linear_attention_branches_start_from_their_prompt(name, family_
 def test_lora_adapter_checkpoint_scores_as_in_training(name, tmp_path, family_dirs, synthetic_dir):
     """LoRA on the language model and the aligners (Qwen3-VL's merger and DeepStack mergers); the adapter
     checkpoint, merged on load, scores as the adapter model did in training."""
-    from vlrm.scoring import RewardScorer
+    from vlrm.use.scoring import RewardScorer
 
     run = _train(tmp_path, family_dirs(name), synthetic_dir, "--use_lora", "true", "--lora_r", "4", "--lora_vision",
                  "merger", "--freeze_vit", "false")  # fmt: skip
@@ -231,7 +233,7 @@ def test_qwen3_5_checkpoint_loads_in_transformers_sequence_classification(family
 
 
 def test_pixel_limits_name_the_processor_that_resizes_to_a_fixed_size(family_dirs):
-    from vlrm.scoring import apply_pixel_limits
+    from vlrm.layout.encoder import apply_pixel_limits
 
     processor = AutoProcessor.from_pretrained(family_dirs("gemma3"))
     with pytest.raises(ValueError, match="Gemma3ImageProcessor resizes images to"):
@@ -245,8 +247,8 @@ def test_pixel_limits_name_the_processor_that_resizes_to_a_fixed_size(family_dir
 def test_single_responses_and_the_grpo_reward_function_score_as_pairs(name, tmp_path, family_dirs, synthetic_dir):
     """The reward in use on other families: ``RewardScorer.score`` (packed where the family packs, padded for the
     generic path) and TRL's reward-function contract give each response the reward the pair collator gives it."""
-    from vlrm.rewards import VLRewardFunction
-    from vlrm.scoring import RewardScorer
+    from vlrm.use.rewards import VLRewardFunction
+    from vlrm.use.scoring import RewardScorer
 
     model = VLRewardModel.from_pretrained(family_dirs(name))
     with torch.no_grad():
@@ -268,8 +270,9 @@ def test_single_responses_and_the_grpo_reward_function_score_as_pairs(name, tmp_
 def test_get_reward_refuses_chat_text_it_cannot_read_back(tmp_path, family_dirs):
     """OpenRLHF's /get_reward on a Gemma 3 checkpoint: a plain question is scored; a Gemma-templated prompt, which
     would be templated a second time, is refused with the item and field (chat turns are read back in Qwen's format)."""
-    from vlrm.scoring import RewardScorer
-    from vlrm.server import RequestError, RequestParser, ServerSettings
+    from vlrm.use.scoring import RewardScorer
+    from vlrm.use.server.requests import RequestParser
+    from vlrm.use.server.settings import RequestError, ServerSettings
 
     model = VLRewardModel.from_pretrained(family_dirs("gemma3"))
     model.save_pretrained(tmp_path / "reward")

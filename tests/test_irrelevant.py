@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 
 from tests.test_train import losses, run_train
-from vlrm.batching import PaddedPreferenceCollator, split_rewards
-from vlrm.irrelevant import IrrelevantPairSampler, IrrelevantQueryCollator, prompt_keys, with_row_index
-from vlrm.prepare import load_preference_dataset
-from vlrm.trainer import reward_losses
+from vlrm.data.prepare import load_preference_dataset
+from vlrm.layout.padded import PaddedPreferenceCollator, split_rewards
+from vlrm.train.irrelevant import IrrelevantPairSampler, IrrelevantQueryCollator, prompt_keys, with_row_index
+from vlrm.train.trainer import reward_losses
 
 
 @pytest.fixture(scope="module")

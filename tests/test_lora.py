@@ -20,24 +20,25 @@ from safetensors import safe_open
 from transformers import Qwen2_5_VLConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+import vlrm.use.export as export
 from tests.test_train import run_train as train_rm_run
-from vlrm import export
-from vlrm.checkpoints import CheckpointError, check_loadable, find_checkpoints, weights_mtime
-from vlrm.config import ConfigError, TrainConfig, load_config
-from vlrm.lora import (
-    LoraArguments,
-    apply_lora,
-    count_parameters,
+from vlrm.data.prepare import load_preference_dataset
+from vlrm.errors import CheckpointError, ConfigError
+from vlrm.layout.attention import enable_packed_attention
+from vlrm.layout.packed import make_collator
+from vlrm.model.checkpoints import (
+    check_loadable,
+    find_checkpoints,
     is_lora_checkpoint,
     load_adapter_weights,
-    parameter_groups,
-    reward_model_of,
+    weights_mtime,
 )
-from vlrm.model import VLRewardModel
-from vlrm.packing import enable_packed_attention, make_collator
-from vlrm.prepare import load_preference_dataset
-from vlrm.scoring import RewardScorer
+from vlrm.model.lora import LoraArguments, apply_lora, count_parameters, parameter_groups, reward_model_of
+from vlrm.model.reward_model import VLRewardModel
 from vlrm.tiny import build_tiny_model_dir
+from vlrm.train.config import TrainConfig
+from vlrm.train.config_files import load_config
+from vlrm.use.scoring import RewardScorer
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR_FIELDS = ("num_pairs", "num_irrelevant", "margin")

@@ -2,9 +2,9 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, set_seed
 
-from vlrm.batching import PaddedPreferenceCollator, split_rewards
-from vlrm.model import VLRewardModel, last_token_index
-from vlrm.prepare import load_preference_dataset
+from vlrm.data.prepare import load_preference_dataset
+from vlrm.layout.padded import PaddedPreferenceCollator, split_rewards
+from vlrm.model.reward_model import VLRewardModel, last_token_index
 
 
 @pytest.fixture(scope="module")

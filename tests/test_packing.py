@@ -21,18 +21,12 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers import set_seed
 
-import vlrm.attention as attention
-import vlrm.packing as packing
-from vlrm.batching import PaddedPreferenceCollator
-from vlrm.model import VLRewardModel
-from vlrm.packing import (
-    PackedPreferenceCollator,
-    enable_packed_attention,
-    make_collator,
-    packed_tokens,
-    pair_tokens,
-    prompt_key,
-)
+import vlrm.layout.attention as attention
+import vlrm.layout.packed as packing
+from vlrm.layout.attention import enable_packed_attention
+from vlrm.layout.packed import PackedPreferenceCollator, make_collator, packed_tokens, pair_tokens, prompt_key
+from vlrm.layout.padded import PaddedPreferenceCollator
+from vlrm.model.reward_model import VLRewardModel
 
 PAIR_FIELDS = ("num_pairs", "num_irrelevant", "margin")
 WORDS = "the shapes are red green blue yellow circle one two three image picture answer question yes no".split()
@@ -298,7 +292,7 @@ def test_pair_sizes_count_each_layout_s_tokens(encoder):
 
 
 def test_pair_lengths_predict_the_packed_row(encoder, synthetic_dir):
-    from vlrm.prepare import load_preference_dataset, pair_lengths
+    from vlrm.data.prepare import load_preference_dataset, pair_lengths
 
     dataset, _ = load_preference_dataset(synthetic_dir / "train.jsonl", max_samples=4, encoder=encoder)
     lengths = pair_lengths(dataset)

@@ -17,10 +17,9 @@ import pytest
 from PIL import Image
 from transformers import AutoProcessor
 
-from vlrm.batching import PreferenceEncoder
-from vlrm.data import BadSampleError
-from vlrm.prepare import DataSettings, load_preference_dataset, mixture_targets, pair_lengths, prepare_mixture
-from vlrm.scoring import apply_pixel_limits
+from vlrm.data.prepare import DataSettings, load_preference_dataset, mixture_targets, pair_lengths, prepare_mixture
+from vlrm.errors import BadSampleError
+from vlrm.layout.encoder import PreferenceEncoder, apply_pixel_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,7 +192,7 @@ def test_hub_dataset_ids_go_through_load_dataset(tmp_path, encoder, monkeypatch)
 def test_vlrm_imports_from_any_directory_after_install(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     finished = subprocess.run(
-        [sys.executable, "-c", "import vlrm, vlrm.scoring, vlrm.prepare; print(vlrm.__file__)"],
+        [sys.executable, "-c", "import vlrm, vlrm.use.scoring, vlrm.data.prepare; print(vlrm.__file__)"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert finished.returncode == 0, finished.stderr
@@ -212,4 +211,4 @@ def test_the_wheel_contains_the_package(tmp_path):
     assert finished.returncode == 0, finished.stderr
     (wheel,) = tmp_path.glob("vlrm-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"vlrm/__init__.py", "vlrm/prepare.py", "vlrm/scoring.py", "vlrm/model.py"} <= names
+    assert {"vlrm/__init__.py", "vlrm/data/prepare.py", "vlrm/use/scoring.py", "vlrm/model/reward_model.py"} <= names

@@ -10,14 +10,14 @@ from safetensors import safe_open
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 from trl import GRPOConfig, GRPOTrainer
 
-from vlrm.batching import PreferenceEncoder
-from vlrm.checkpoints import CheckpointError
-from vlrm.data import user_prompt
-from vlrm.export import export_for_vllm, reward_text, weight_names
-from vlrm.model import VLRewardModel
-from vlrm.rewards import VLRewardFunction
-from vlrm.scoring import RewardScorer
-from vlrm.synthetic import draw_shapes
+from vlrm.data.rows import user_prompt
+from vlrm.data.synthetic import draw_shapes
+from vlrm.errors import CheckpointError
+from vlrm.layout.encoder import PreferenceEncoder
+from vlrm.model.reward_model import VLRewardModel
+from vlrm.use.export import export_for_vllm, reward_text, weight_names
+from vlrm.use.rewards import VLRewardFunction
+from vlrm.use.scoring import RewardScorer
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The HTTP reward server (vlrm/server.py, serve_rm.py): the real app under uvicorn on 127.0.0.1, scores equal to
+"""The HTTP reward server (vlrm/use/server/, serve_rm.py): the real app under uvicorn on 127.0.0.1, scores equal to
 ``RewardScorer.score``, requests merged into micro-batches with one forward at a time, and every kind of bad request
 answered with a 4xx JSON error naming the item and the field while the server keeps serving."""
 
@@ -24,9 +24,10 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from vlrm.data import user_prompt
-from vlrm.scoring import RewardScorer
-from vlrm.server import ServerSettings, create_app
+from vlrm.data.rows import user_prompt
+from vlrm.use.scoring import RewardScorer
+from vlrm.use.server.app import create_app
+from vlrm.use.server.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"

@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
-from vlrm.batching import PaddedPreferenceCollator
-from vlrm.checkpoints import find_checkpoints
-from vlrm.model import VLRewardModel
-from vlrm.packing import pair_tokens
-from vlrm.prepare import load_preference_dataset
-from vlrm.scoring import RewardScorer
+from vlrm.data.prepare import load_preference_dataset
+from vlrm.layout.packed import pair_tokens
+from vlrm.layout.padded import PaddedPreferenceCollator
+from vlrm.model.checkpoints import find_checkpoints
+from vlrm.model.reward_model import VLRewardModel
+from vlrm.use.scoring import RewardScorer
 
 ROOT = Path(__file__).resolve().parents[1]
 

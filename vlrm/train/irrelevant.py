@@ -2,7 +2,7 @@
 
 A reward model must not score a fluent answer highly when it does not answer the image and question it is shown.
 For pair i we draw ``num_irrelevant_pairs`` other pairs j and add the branch (prompt_j, chosen_i); the loss
-(``vlrm.trainer.reward_losses``) asks r(prompt_i, chosen_i) > r(prompt_j, chosen_i).
+(``vlrm.train.trainer.reward_losses``) asks r(prompt_i, chosen_i) > r(prompt_j, chosen_i).
 
 A partner j is valid when it is not i, its images differ from i's (for text-only rows: its question differs), and its
 chosen response differs from i's (else chosen_i may be right under prompt_j too). Partners come from the same
@@ -29,14 +29,14 @@ import datasets
 import numpy as np
 from transformers import TrainerCallback
 
-from vlrm.data import images_key
+from vlrm.data.rows import images_key
 
 ROW_INDEX = "row_index"
 
 
 def prompt_keys(dataset: datasets.Dataset) -> list[str]:
-    """What makes two prompts the same for this purpose (``vlrm.data.images_key``): their images, or their text when
-    they have none. Prepared sets carry it as a column; other sets are read once, images undecoded."""
+    """What makes two prompts the same for this purpose (``vlrm.data.rows.images_key``): their images, or their text
+    when they have none. Prepared sets carry it as a column; other sets are read once, images undecoded."""
     if "images_key" in dataset.column_names:
         return dataset["images_key"]
     undecoded = dataset.select_columns(["images", "prompt"]).cast_column(

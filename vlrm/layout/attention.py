@@ -5,7 +5,7 @@ language model only (the vision tower keeps its own attention): with a ``packed_
 attend causally within their prompt and branch tokens to their whole prompt and causally to their own branch
 (``packed_sdpa``: one SDPA call per group of same-shape segments; ``packed_varlen``: one flash-attn varlen call);
 without one (a padded batch) they are transformers' own sdpa / eager / flash_attention_2. The layout itself is built
-in ``vlrm.packing``.
+in ``vlrm.layout.packed``.
 
     enable_packed_attention(model)   # once after loading, before DeepSpeed / accelerate wrap the model
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
@@ -22,11 +22,8 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, flash_attention_mask, sdpa_mask
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
-from vlrm.families import family_of
-from vlrm.recurrent import enable_packed_recurrence
-
-if TYPE_CHECKING:
-    from vlrm.packing import PackedLayout
+from vlrm.layout.recurrent import enable_packed_recurrence
+from vlrm.layout.segments import PackedLayout
 
 
 def _bottom_right_causal_mask(query_length: int, prefix_length: int, device: torch.device) -> torch.Tensor:
@@ -202,11 +199,12 @@ AttentionMaskInterface.register("vlrm_packed_varlen", flash_attention_mask)
 
 def enable_packed_attention(model: Any) -> None:
     """Switch the language model's attention to the packed function standing in for its current one (sdpa/eager ->
-    packed SDPA, flash_attention_2 -> flash-attn varlen). The vision tower keeps its attention. Idempotent; the
-    choice is not saved with the checkpoint. Call after loading and before DeepSpeed/accelerate wrap the model.
-    For a family with linear-attention layers (Qwen3.5) it also gives those their packed path (``vlrm.recurrent``).
-    Raises ``ValueError`` for a family without the packed layout (``vlrm.families``: ``packed``)."""
-    family = family_of(model.config)
+    packed SDPA, flash_attention_2 -> flash-attn varlen). The vision tower keeps its attention. Idempotent; the choice
+    is not saved with the checkpoint. Call after loading and before DeepSpeed/accelerate wrap the model. For a family
+    with linear-attention layers (Qwen3.5) it also gives those their packed path (``vlrm.layout.recurrent``). Raises
+    ``ValueError`` for a family without the packed layout (``model.family``, a ``vlrm.model.families`` entry:
+    ``packed``)."""
+    family = model.family
     if not family.packed:
         raise ValueError(f"{family.title} ({model.config.model_type}) has no packed layout: {family.padded_reason}")
     language = model.config.get_text_config()

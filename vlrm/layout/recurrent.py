@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from vlrm.packing import PackedLayout
+from vlrm.layout.segments import PackedLayout
 
 
 def _kernels(module: nn.Module) -> Any:

@@ -13,31 +13,13 @@ low-rank update to adapt). Everything else is frozen. ``vit_lr`` / ``aligner_lr`
 their own learning rates, with or without LoRA, as optimizer parameter groups (``parameter_groups``), which the HF
 Trainer, accelerate and DeepSpeed ZeRO-2/3 all keep.
 
-Checkpoints (every ``checkpoint-*`` and the final model) hold what is needed and nothing of the base model:
-
-    adapter_model.safetensors   the adapters and the score head (peft's names)
-    adapter_config.json         peft's LoraConfig, plus a ``vlrm`` entry: the format and the base model to load
-    config.json                 the reward model's config (architecture, pad id, reward_mean / reward_std)
-    processor files             as for full checkpoints
-
-Load, evaluate, export:
-
-    RewardScorer.from_pretrained("outputs/run/checkpoint-200")   # adapters on the base model, as trained
-    VLRewardModel.from_pretrained("outputs/run/checkpoint-200")  # the same, merged into a plain VLRewardModel
-    python eval_rm.py CONFIG                                     # sweeps adapter checkpoints like full ones
-    python -m vlrm.export --merge outputs/run exports/run-merged  # a full standalone vlrm checkpoint
-
-The base model is the one recorded in the adapter (``base_model_name_or_path``: an absolute path for a local dir, else
-the hub id). When that path is not reachable here (the run was trained on another machine), ``base_model_path`` (the
-argument, the eval config key, ``--base_model_path``) names it instead; the base's shapes are checked against the
-adapter's config before any weight is read.
+This module builds the adapters. What an adapter checkpoint holds, and loading one onto its base model, is in
+``vlrm.model.checkpoints``; ``vlrm.model.loading.load_checkpoint`` loads one for every consumer.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -45,26 +27,13 @@ from typing import Any, Literal
 
 from torch import nn
 
-from vlrm.checkpoints import CheckpointError
+from vlrm.errors import ConfigError
 
-logger = logging.getLogger(__name__)
-
-ADAPTER_CONFIG = "adapter_config.json"
-MARKER = "vlrm"  # the key in adapter_config.json that says a vlrm reward adapter (with its head) is in the dir
-FORMAT = "vlrm-lora-reward-model"
 SCORE_HEAD = "score"
 # The language model inside every family's VLRewardModel; the vision tower and its aligners are the family's
-# (vlrm.families: Qwen's model.visual and model.visual.merger, LLaVA's model.vision_tower and
+# (vlrm.model.families: Qwen's model.visual and model.visual.merger, LLaVA's model.vision_tower and
 # model.multi_modal_projector).
 LANGUAGE_MODEL = "model.language_model."
-# Config fields that decide the shapes of the weights an adapter was trained on.
-SHAPE_FIELDS = {
-    "text_config": (
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-        "vocab_size",
-    ),
-    "vision_config": ("depth", "num_hidden_layers", "embed_dim", "hidden_size", "intermediate_size", "out_hidden_size"),
-}  # fmt: skip
 
 
 @dataclass
@@ -75,7 +44,8 @@ class LoraArguments:
         default=False,
         metadata={
             "help": "Train LoRA adapters (peft) instead of every weight: the backbone is frozen, the adapters and the "
-            "whole `score` head train, and checkpoints hold only those (+ config and processor; see vlrm/lora.py)."
+            "whole `score` head train, and checkpoints hold only those (+ config and processor; see "
+            "vlrm/model/lora.py)."
         },
     )
     lora_r: int = field(
@@ -126,8 +96,6 @@ class LoraArguments:
     def _check_lora_arguments(self) -> None:
         """Combinations that cannot work raise; ones that silently do nothing warn. Call after the parent's
         ``__post_init__`` (it reads the DeepSpeed config)."""
-        from vlrm.config import ConfigError
-
         if self.lora_r < 1:
             raise ConfigError(f"lora_r must be at least 1, got {self.lora_r}.")
         if self.lora_alpha <= 0:
@@ -268,7 +236,7 @@ def apply_lora(model: nn.Module, config: LoraArguments) -> nn.Module:
         modules_to_save=[SCORE_HEAD],
         bias="none",
     )
-    with _quiet_peft():
+    with quiet_peft():
         peft_model = get_peft_model(model, lora_config)
     # peft records the model's name_or_path as given (a relative path, often); saved checkpoints record this instead.
     peft_model.peft_config["default"].base_model_name_or_path = base_model_reference(model.name_or_path)
@@ -276,7 +244,7 @@ def apply_lora(model: nn.Module, config: LoraArguments) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _quiet_peft():
+def quiet_peft():
     """peft still calls transformers' deprecated ``is_gradient_checkpointing``: a warning the user cannot act on."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -356,207 +324,3 @@ def parameter_groups(
         for decays in (True, False)
         if (part, decays) in groups
     ]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: what a vlrm adapter dir holds, and loading one
-
-
-def write_lora_metadata(model: nn.Module, output_dir: str | Path) -> None:
-    """After peft's ``save_pretrained``: the reward model's config.json, and the ``vlrm`` entry in adapter_config.json
-    that tells vlrm (``check_loadable``, the scorer, the export) that this adapter is a reward model with its head."""
-    output_dir = Path(output_dir)
-    reward_model_of(model).config.save_pretrained(output_dir)
-    adapter_config_path = output_dir / ADAPTER_CONFIG
-    values = json.loads(adapter_config_path.read_text())
-    values[MARKER] = {
-        "format": FORMAT,
-        "version": 1,
-        "base_model_name_or_path": values.get("base_model_name_or_path"),
-        "trained_in_full": [SCORE_HEAD],
-        "load": "vlrm.scoring.RewardScorer.from_pretrained(dir) or vlrm.model.VLRewardModel.from_pretrained(dir)",
-        "merge": "python -m vlrm.export --merge DIR OUTPUT_DIR",
-    }
-    adapter_config_path.write_text(json.dumps(values, indent=2, sort_keys=True))
-
-
-def read_lora_marker(path: str | Path) -> dict | None:
-    """The ``vlrm`` entry of ``path``/adapter_config.json, or None (no adapter, or not one vlrm saved)."""
-    adapter_config_path = Path(path) / ADAPTER_CONFIG
-    if not adapter_config_path.is_file():
-        return None
-    try:
-        marker = json.loads(adapter_config_path.read_text()).get(MARKER)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return marker if isinstance(marker, dict) and marker.get("format") == FORMAT else None
-
-
-def is_lora_checkpoint(path: str | Path) -> bool:
-    return read_lora_marker(path) is not None
-
-
-def _reachable(name_or_path: str) -> bool:
-    """A local model dir, or a hub id already in the local Hugging Face cache."""
-    path = Path(name_or_path).expanduser()
-    if (path / "config.json").is_file():
-        return True
-    if _is_local_path(name_or_path):
-        return False
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(str(name_or_path), "config.json"), str)
-    except ValueError:  # not a valid repo id
-        return False
-
-
-def _is_local_path(name_or_path: str) -> bool:
-    text = str(name_or_path)
-    return text.startswith((".", "/", "~")) or Path(text).expanduser().exists() or text.count("/") != 1
-
-
-def resolve_base_model(adapter_dir: str | Path, base_model_path: str | Path | None = None) -> str:
-    """The base model to load an adapter onto: the one it records when reachable here, else ``base_model_path``, else
-    the recorded hub id (downloaded). Raises ``CheckpointError`` when none of them can be found."""
-    marker = read_lora_marker(adapter_dir)
-    if marker is None:
-        raise CheckpointError(f"{adapter_dir}: not a vlrm LoRA checkpoint (no `{MARKER}` entry in {ADAPTER_CONFIG})")
-    recorded = marker.get("base_model_name_or_path")
-    if recorded and _reachable(recorded):
-        if base_model_path is not None and base_model_reference(str(base_model_path)) != recorded:
-            logger.info(
-                "%s: loading onto its recorded base model %s (base_model_path %s is used only when that is not "
-                "reachable)", adapter_dir, recorded, base_model_path,
-            )  # fmt: skip
-        return recorded
-    if base_model_path is not None:
-        if _is_local_path(str(base_model_path)) and not _reachable(str(base_model_path)):
-            raise CheckpointError(
-                f"{adapter_dir}: base_model_path {base_model_path} is not a model dir (no config.json)"
-            )
-        return str(base_model_path)
-    if recorded and not _is_local_path(recorded):
-        return recorded  # a hub id not cached yet: from_pretrained downloads it
-    raise CheckpointError(
-        f"{adapter_dir}: a LoRA adapter for the base model {recorded}, which is not found here; set base_model_path "
-        "to that model (RewardScorer.from_pretrained(..., base_model_path=...), the eval config key base_model_path, "
-        "or --base_model_path for python -m vlrm.export --merge)"
-    )
-
-
-def _check_same_shapes(adapter_dir: Path, reward_config: Any, base: str) -> None:
-    """The base model's shapes are the adapter's, read from the two configs before any weight is."""
-    from transformers import AutoConfig
-
-    base_config = AutoConfig.from_pretrained(base)
-    differences = []
-    for part, names in SHAPE_FIELDS.items():
-        for name in names:
-            want = getattr(getattr(reward_config, part, None), name, None)
-            got = getattr(getattr(base_config, part, None), name, None)
-            if want != got:
-                differences.append(f"{part}.{name} {got} (adapter: {want})")
-    if differences:
-        raise CheckpointError(
-            f"{adapter_dir}: the base model {base} is not the one this adapter was trained on: "
-            + "; ".join(differences)
-        )
-
-
-@contextlib.contextmanager
-def _without_load_report():
-    """transformers' load report of the base model says the score head is missing and newly initialised: true of the
-    base, but the head comes from the adapter, and every other missing key is an error raised below."""
-    transformers_logger = logging.getLogger("transformers.modeling_utils")
-
-    def keep(record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in str(record.msg)
-
-    transformers_logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        transformers_logger.removeFilter(keep)
-
-
-def read_peft_config(adapter_dir: str | Path) -> Any:
-    """peft's config of a vlrm adapter (the ``vlrm`` entry left out, so peft reads it without a warning)."""
-    from peft import PeftConfig
-
-    values = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
-    values.pop(MARKER, None)
-    return PeftConfig.from_peft_type(**values)
-
-
-def load_adapter_weights(model: nn.Module, checkpoint_dir: str | Path) -> None:
-    """Load a vlrm adapter checkpoint's weights into a peft model built with the same LoRA settings, strictly: every
-    adapter weight and the head, no other, of the same shapes. Raises ``ValueError`` with the differences."""
-    from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
-
-    checkpoint_dir = Path(checkpoint_dir)
-    if not is_lora_checkpoint(checkpoint_dir):
-        raise ValueError(
-            f"{checkpoint_dir} is not a vlrm LoRA checkpoint (no {ADAPTER_CONFIG} with a `{MARKER}` entry): a LoRA "
-            "run resumes from one of its own checkpoints"
-        )
-    saved, live = read_peft_config(checkpoint_dir), model.peft_config["default"]
-    for name in ("r", "lora_alpha", "use_rslora"):  # the same weight shapes could still scale differently
-        if getattr(saved, name) != getattr(live, name):
-            raise ValueError(
-                f"{checkpoint_dir} was trained with {name}={getattr(saved, name)}, this model has "
-                f"{name}={getattr(live, name)}: use the checkpoint's LoRA settings"
-            )
-    weights = load_peft_weights(str(checkpoint_dir), device="cpu")
-    expected = set(get_peft_model_state_dict(model))
-    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{checkpoint_dir}: adapter weights do not match this model's adapters (other lora_target_modules or "
-            f"lora_vision?): missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    result = set_peft_model_state_dict(model, weights)
-    if result.unexpected_keys:
-        raise ValueError(f"{checkpoint_dir}: weights peft could not place: {result.unexpected_keys[:5]}")
-
-
-def load_lora_reward_model(
-    adapter_dir: str | Path,
-    base_model_path: str | Path | None = None,
-    merge: bool = False,
-    dtype: Any = "auto",
-    output_loading_info: bool = False,
-    **kwargs: Any,
-) -> Any:
-    """A vlrm adapter checkpoint on its base model (``resolve_base_model``), in eval mode: a peft model computing
-    exactly what training computed, or with ``merge`` the adapters folded into a plain ``VLRewardModel``
-    (peft's ``merge_and_unload``, checked for NaN). ``kwargs`` go to the base model's ``from_pretrained``
-    (``attn_implementation``...). The reward model's config (reward statistics, pad id) is the adapter dir's."""
-    from peft import PeftModel
-    from transformers import AutoConfig
-
-    from vlrm.model import VLRewardModel
-
-    adapter_dir = Path(adapter_dir)
-    base = resolve_base_model(adapter_dir, base_model_path)
-    reward_config = AutoConfig.from_pretrained(adapter_dir)
-    _check_same_shapes(adapter_dir, reward_config, base)
-    with _without_load_report():
-        model, loading_info = VLRewardModel.from_pretrained(
-            base, config=reward_config, dtype=dtype, output_loading_info=True, **kwargs
-        )
-    missing = sorted(set(loading_info["missing_keys"]) - {f"{SCORE_HEAD}.weight"})  # the head is in the adapter
-    if missing:
-        raise CheckpointError(f"{adapter_dir}: its base model {base} lacks weights: {', '.join(missing[:5])}")
-    with _quiet_peft():
-        peft_model = PeftModel(model, read_peft_config(adapter_dir))
-    load_adapter_weights(peft_model, adapter_dir)
-    peft_model.eval()
-    result = peft_model
-    if merge:
-        result = peft_model.merge_and_unload(safe_merge=True)
-        # The merged model is this checkpoint, not its base: an adapter trained on top of it records this dir.
-        result.name_or_path = result.config._name_or_path = str(adapter_dir.resolve())
-    if output_loading_info:
-        return result, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
-    return result

@@ -1,35 +1,25 @@
 """Configuration for training (``TrainConfig``) and evaluation (``EvalConfig``).
 
-Both load from a YAML or JSON file, and any key can be overridden on the command line as ``--key value``:
+Both load from a YAML or JSON file, and any key can be overridden on the command line as ``--key value``
+(``vlrm.train.config_files.load_config``, which checks every key and value):
 
     config = load_config(TrainConfig, "training_configs/tiny_demo.yaml", ["--learning_rate", "5e-4"])
 
-An unknown key, in the file or on the command line, is an error that names the key and suggests the closest valid one.
+Each field's help is its documentation (``python train_rm.py`` and ``python eval_rm.py --help`` print it); a
+combination that cannot work raises ``ConfigError`` in ``__post_init__``, before any weight is loaded.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import enum
 import importlib.util
-import json
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-import yaml
-from transformers import HfArgumentParser
 from trl import RewardConfig
 
-from vlrm.lora import LoraArguments
-
-ConfigT = TypeVar("ConfigT")
-
-
-class ConfigError(ValueError):
-    """A configuration mistake found before any weight is loaded."""
+from vlrm.errors import ConfigError
+from vlrm.model.lora import LoraArguments
 
 
 def check_flash_attention_available() -> None:
@@ -71,7 +61,7 @@ class ModelDataArguments:
         default=True,
         metadata={
             "help": "Packed layout: each micro-batch is one padding-free sequence, every prompt and image computed "
-            "once per pair, each response branch attending to its own prompt (vlrm.packing). False: the padded "
+            "once per pair, each response branch attending to its own prompt (vlrm.layout.packed). False: the padded "
             "layout, one row per (prompt, response), the baseline; families without the packed layout (the generic "
             "image-text-to-text path) use it whatever this says, with a warning."
         },
@@ -86,7 +76,7 @@ class ModelDataArguments:
     data_cache_dir: str | None = field(
         default=None,
         metadata={
-            "help": "Where prepared data sets are cached (vlrm.prepare). None: $VLRM_CACHE_DIR/prepared, else "
+            "help": "Where prepared data sets are cached (vlrm.data.prepare). None: $VLRM_CACHE_DIR/prepared, else "
             "~/.cache/vlrm/prepared. On several nodes, a dir on a shared filesystem is prepared once in all; a "
             "node-local one once per node."
         },
@@ -130,9 +120,9 @@ class TrainConfig(ModelDataArguments, LoraArguments, RewardConfig):
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "A model directory or hub id of a supported family (vlrm.families: Qwen2-VL, Qwen2.5-VL / MiMo-VL, "
-            "Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, or any AutoModelForImageTextToText checkpoint whose "
-            "processor has a chat template), or a reward model saved by vlrm."
+            "help": "A model directory or hub id of a supported family (vlrm.model.families: Qwen2-VL, Qwen2.5-VL / "
+            "MiMo-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, or any AutoModelForImageTextToText checkpoint "
+            "whose processor has a chat template), or a reward model saved by vlrm."
         },
     )
     dataset_path: list[str] = field(
@@ -278,145 +268,6 @@ def _as_list(value: Any) -> list:
     return [value] if isinstance(value, str) else list(value)
 
 
-def _read_config_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    text = path.read_text()
-    values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")
-    return values
-
-
-def _unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    hint = f" Did you mean `{close[0]}`?" if close else ""
-    return ConfigError(f"unknown config key `{key}` in {where}.{hint}")
-
-
-_NOT_ALLOWED = object()
-
-
-def _conform(value: Any, hint: Any) -> Any:
-    """``value`` as the declared type ``hint`` accepts it (an integral float becomes an int, a single value of a
-    list field a one-item list, a mapping for a list of strings ``name=value`` entries), or ``_NOT_ALLOWED``. bool is not a number, a fraction is not an int, a list is not a
-    scalar. Types this does not know (a class of transformers', say) are left to the dataclass."""
-    origin, args = get_origin(hint), get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        for option in sorted(args, key=lambda option: get_origin(option) is list):  # scalars first
-            conformed = _conform(value, option)
-            if conformed is not _NOT_ALLOWED:
-                return conformed
-        return _NOT_ALLOWED
-    if hint is type(None):
-        return value if value is None else _NOT_ALLOWED
-    if origin is Literal:
-        return value if value in args else _NOT_ALLOWED
-    if hint is bool:
-        return value if isinstance(value, bool) else _NOT_ALLOWED
-    if hint is int:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        return value if isinstance(value, int) and not isinstance(value, bool) else _NOT_ALLOWED
-    if hint is float:
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _NOT_ALLOWED
-    if hint is str:
-        return value if isinstance(value, str) else _NOT_ALLOWED
-    if origin is list:
-        if value is None:  # an empty list; a required list says so in the config's own check
-            return []
-        if isinstance(value, dict) and args and args[0] is str:  # a YAML mapping name: path -> ["name=path", ...]
-            value = [f"{name}={path}" for name, path in value.items()]
-        items = value if isinstance(value, list) else [value]
-        conformed = [_conform(item, args[0]) if args else item for item in items]
-        return _NOT_ALLOWED if any(item is _NOT_ALLOWED for item in conformed) else conformed
-    if hint is dict or origin is dict:
-        return value if isinstance(value, dict) else _NOT_ALLOWED
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        return value if isinstance(value, (str, hint)) else _NOT_ALLOWED
-    return value
-
-
-def _describe(hint: Any) -> str:
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(dict.fromkeys(_describe(option) for option in args))
-    if origin is Literal:
-        return "one of " + ", ".join(map(repr, args))
-    if origin is list:
-        return f"{_describe(args[0]) if args else 'a value'} or a list of them"
-    if hint is dict or origin is dict:
-        return "a mapping"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-    if hint in names:
-        return names[hint]
-    return (
-        "a string" if isinstance(hint, type) and issubclass(hint, enum.Enum) else getattr(hint, "__name__", str(hint))
-    )
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _check_file_values(config_class: type, values: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    """Every file value against its key's declared type: argparse checks command-line values (and names the flag),
-    but the file's values reach the dataclass as defaults, unchecked."""
-    hints = get_type_hints(config_class)
-    checked = {}
-    for key, value in values.items():
-        conformed = _conform(value, hints[key])
-        if conformed is _NOT_ALLOWED:
-            hint = ""
-            if isinstance(value, bool) and _conform("no", hints[key]) is not _NOT_ALLOWED:
-                hint = " (YAML reads unquoted yes/no/on/off as true/false: quote the word, e.g. 'no')"
-            elif isinstance(value, str) and _conform(1.0, hints[key]) is not _NOT_ALLOWED and _is_number(value):
-                hint = " (YAML reads a number like 1e-5 without a dot as a string: write 1.0e-5)"
-            raise ConfigError(
-                f"{path}: `{key}` must be {_describe(hints[key])}, got {value!r} ({type(value).__name__}){hint}."
-            )
-        checked[key] = conformed
-    return checked
-
-
-def load_config(config_class: type[ConfigT], path: str | Path | None, overrides: list[str] | None = None) -> ConfigT:
-    """Build ``config_class`` from a YAML/JSON file, then apply ``--key value`` overrides; validate both."""
-    valid = sorted(f.name for f in dataclasses.fields(config_class) if f.init)
-    file_values = _read_config_file(path) if path is not None else {}
-    for key in file_values:
-        if key not in valid:
-            raise _unknown_key_error(key, valid, str(path))
-    file_values = _check_file_values(config_class, file_values, path)
-    parser = HfArgumentParser(config_class)
-    # The file's values become argparse defaults, so the command line wins and types are checked once.
-    for action in parser._actions:
-        if action.dest in file_values:
-            action.required = False
-    parser.set_defaults(**file_values)
-    overrides = list(overrides or [])
-    for token in overrides:
-        if token.startswith("--"):
-            key = token[2:].split("=", 1)[0].replace("-", "_")
-            if key not in valid:
-                raise _unknown_key_error(key, valid, "the command line")
-    (config,) = parser.parse_args_into_dataclasses(args=overrides)
-    return config
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """A JSON-safe dict of a config, for logs and result files."""
-    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
-
-
 @dataclass
 class EvalConfig(ModelDataArguments):
     """Everything `eval_rm.py` reads: which runs to sweep, the preference set, and how to load each checkpoint.
@@ -447,7 +298,7 @@ class EvalConfig(ModelDataArguments):
     benchmark: Literal["auto", "vl_rewardbench", "multimodal_rewardbench", "mm_rlhf"] = field(
         default="auto",
         metadata={
-            "help": "Read every row as this benchmark's layout (vlrm.benchmarks); `auto`: each row's fields tell "
+            "help": "Read every row as this benchmark's layout (vlrm.data.benchmarks); `auto`: each row's fields tell "
             "(VL-RewardBench: response + human_ranking; Multimodal RewardBench: Output1/Output2/Better; MM-RLHF: "
             "image and video columns)."
         },

@@ -1,7 +1,7 @@
 """A vlrm reward model as the reward of an RL loop: ``VLRewardFunction`` for TRL's ``GRPOTrainer(reward_funcs=...)``.
 
     from trl import GRPOConfig, GRPOTrainer
-    from vlrm.rewards import VLRewardFunction
+    from vlrm import VLRewardFunction
 
     reward = VLRewardFunction.from_pretrained("outputs/run", normalize=True, device="cuda:1", dtype="bfloat16")
     trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=GRPOConfig(...), train_dataset=dataset)
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from vlrm.scoring import DEFAULT_MAX_SEQ_LENGTH, RewardScorer
+from vlrm.use.scoring import DEFAULT_MAX_SEQ_LENGTH, RewardScorer
 
 
 def _text(content: Any) -> str:

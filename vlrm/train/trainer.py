@@ -1,10 +1,10 @@
 """``VLRewardTrainer``: TRL's RewardTrainer for vision-language pairs.
 
-What changes from ``trl.RewardTrainer``: the data is already canonical rows and our collator runs the processor
-(so TRL's tokenisation step is skipped); the model returns one reward per branch, in the order documented in
-``vlrm.batching``; the loss adds the irrelevant-query term; checkpoints carry the processor; ``vit_lr`` /
-``aligner_lr`` become optimizer parameter groups; a LoRA model (``vlrm.lora``) saves its adapter with vlrm's config
-and marker, and resumes from one strictly.
+What changes from ``trl.RewardTrainer``: the data is already canonical rows and our collator runs the processor (so
+TRL's tokenisation step is skipped); the model returns one reward per branch, in the order documented in
+``vlrm.layout.padded``; the loss adds the irrelevant-query term; checkpoints carry the processor; ``vit_lr`` /
+``aligner_lr`` become optimizer parameter groups; a LoRA model (``vlrm.model.lora``) saves its adapter with vlrm's
+config and marker, and resumes from one strictly.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from trl import RewardTrainer
 
-from vlrm.batching import split_rewards
-from vlrm.lora import is_lora_checkpoint, is_lora_model, load_adapter_weights, parameter_groups, write_lora_metadata
+from vlrm.layout.padded import split_rewards
+from vlrm.model.checkpoints import is_lora_checkpoint, load_adapter_weights, write_lora_metadata
+from vlrm.model.lora import is_lora_model, parameter_groups
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ class VLRewardTrainer(RewardTrainer):
         if is_lora_checkpoint(checkpoint_dir):
             raise ValueError(
                 f"{checkpoint_dir} is a LoRA checkpoint, but this run trains every weight: resume it with use_lora: "
-                "true and its LoRA settings, or start a full run from its merged export (python -m vlrm.export "
+                "true and its LoRA settings, or start a full run from its merged export (python -m vlrm export "
                 "--merge)"
             )
         reloaded = type(model).from_pretrained(checkpoint_dir, dtype=next(model.parameters()).dtype)

@@ -1,12 +1,12 @@
 """``RewardScorer``: load a saved reward model and score rows in batches, with no gradient and no side effect.
 
-    from vlrm.scoring import RewardScorer
+    from vlrm import RewardScorer
 
     scorer = RewardScorer.from_pretrained("outputs/run/checkpoint-200")
     pair_scores = scorer.score_pairs(dataset, batch_size=16)  # canonical rows -> .chosen, .rejected
     rewards = scorer.score([{"prompt": "What is in the image?", "images": ["cat.png"], "response": "A cat."}])
 
-Pairs go through the same collator as training (``vlrm.batching.make_collator``), so a score here is exactly the
+Pairs go through the same collator as training (``vlrm.layout.packed.make_collator``), so a score here is exactly the
 reward the trainer saw for that row. ``eval_rm.py`` only orchestrates this class.
 """
 
@@ -22,20 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoProcessor
 
-from vlrm.batching import PreferenceEncoder, pad_rows, split_rewards
-from vlrm.checkpoints import CheckpointError, check_loadable
-from vlrm.data import user_prompt
-from vlrm.lora import is_lora_checkpoint, load_lora_reward_model, resolve_base_model
-from vlrm.model import VLRewardModel
-from vlrm.packing import enable_packed_attention, make_collator, pack_responses, prompt_key
-from vlrm.prepare import LENGTH_COLUMNS
+from vlrm.data.prepare import LENGTH_COLUMNS
+from vlrm.data.rows import user_prompt
+from vlrm.layout.attention import enable_packed_attention
+from vlrm.layout.encoder import PreferenceEncoder, apply_pixel_limits
+from vlrm.layout.packed import make_collator, pack_responses, prompt_key
+from vlrm.layout.padded import pad_rows, split_rewards
+from vlrm.model.loading import load_checkpoint
+from vlrm.model.reward_model import VLRewardModel
 
 logger = logging.getLogger(__name__)
-
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
-
 
 DEFAULT_MAX_SEQ_LENGTH = 4096  # as training's default: a longer branch is not scored (never truncated)
 
@@ -58,34 +55,6 @@ class PairScores:
         return ~np.isnan(self.chosen)
 
 
-def apply_pixel_limits(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
-    """Bound the image area the processor resizes to; None keeps the processor's own setting."""
-    if min_pixels or max_pixels:
-        size = dict(processor.image_processor.size)
-        if "longest_edge" not in size or "shortest_edge" not in size:
-            raise ValueError(
-                f"min_pixels / max_pixels bound the image area of Qwen-style processors; "
-                f"{type(processor.image_processor).__name__} resizes images to {size}: leave them unset"
-            )
-        size["shortest_edge"] = min_pixels or size["shortest_edge"]
-        size["longest_edge"] = max_pixels or size["longest_edge"]
-        processor.image_processor.size = size
-
-
-def load_processor(checkpoint_dir: str | Path, base_model_path: str | Path | None = None) -> Any:
-    """The checkpoint's own processor, else the base model's (checkpoints saved without one still score with the
-    tokenizer and image settings they were trained with, as long as those came from the base model)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if any((checkpoint_dir / name).is_file() for name in PROCESSOR_FILES):
-        return AutoProcessor.from_pretrained(checkpoint_dir)
-    if base_model_path is None:
-        raise CheckpointError(
-            f"{checkpoint_dir}: no processor files ({', '.join(PROCESSOR_FILES)}); set base_model_path to the model "
-            "the run started from"
-        )
-    return AutoProcessor.from_pretrained(base_model_path)
-
-
 def _batches(indices: list[int], batch_size: int):
     for start in range(0, len(indices), batch_size):
         yield indices[start : start + batch_size]
@@ -105,7 +74,7 @@ class RewardScorer:
         self.max_seq_length = max_seq_length
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
-        if packing and not model.family.packed:  # vlrm.families: the generic path
+        if packing and not model.family.packed:  # vlrm.model.families: the generic path
             logger.info("%s has no packed layout: scoring with the padded layout", model.family.title)
             packing = False
         if packing:
@@ -135,34 +104,10 @@ class RewardScorer:
         are not scored (None: no limit, at the risk of running out of memory). Raises ``CheckpointError`` when the
         dir cannot be loaded or lacks trained weights (a base VLM has no score head: its rewards would be random).
 
-        A vlrm LoRA checkpoint (``vlrm.lora``) loads onto the base model it records, or onto ``base_model_path``
-        when that one is not reachable here, with its adapters unmerged: the computation training did. Its
-        processor, when the dir has none, is the base model's."""
-        check_loadable(checkpoint_dir)
-        lora = is_lora_checkpoint(checkpoint_dir)
-        if lora:
-            base_model_path = resolve_base_model(checkpoint_dir, base_model_path)
-        dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-        try:
-            if lora:
-                model = load_lora_reward_model(
-                    checkpoint_dir, base_model_path, dtype=dtype, attn_implementation=attn_implementation
-                )
-            else:
-                model, loading_info = VLRewardModel.from_pretrained(
-                    checkpoint_dir, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
-                )
-        except CheckpointError:
-            raise
-        except Exception as error:  # safetensors, torch and transformers each raise their own types for a bad file
-            raise CheckpointError(f"{checkpoint_dir}: cannot load: {type(error).__name__}: {error}") from error
-        if not lora and loading_info["missing_keys"]:
-            missing = sorted(loading_info["missing_keys"])
-            hint = " (no score head: a base model, not a trained reward model)" if "score.weight" in missing else ""
-            raise CheckpointError(
-                f"{checkpoint_dir}: weights missing from the checkpoint{hint}: {', '.join(missing[:5])}"
-            )
-        processor = load_processor(checkpoint_dir, base_model_path)
+        Loading is ``vlrm.model.loading.load_checkpoint``'s: a vlrm LoRA checkpoint loads onto the base model it
+        records, or onto ``base_model_path`` when that one is not reachable here, with its adapters unmerged (the
+        computation training did); its processor, when the dir has none, is the base model's."""
+        model, processor = load_checkpoint(checkpoint_dir, base_model_path, dtype, attn_implementation)
         apply_pixel_limits(processor, min_pixels, max_pixels)
         device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         return cls(model, processor, device, packing, max_seq_length)
@@ -205,7 +150,7 @@ class RewardScorer:
         self, rows: Sequence[dict], batch_size: int = 8, progress: bool = True, desc: str = "pairs"
     ) -> PairScores:
         """Score canonical rows (a ``datasets.Dataset`` or a sequence of dicts with prompt, images, chosen, rejected,
-        and optionally ``irrelevant`` prompts, see ``vlrm.irrelevant.RowsWithIrrelevantPrompts``). A pair with a
+        and optionally ``irrelevant`` prompts, see ``vlrm.train.irrelevant.RowsWithIrrelevantPrompts``). A pair with a
         branch longer than ``max_seq_length`` is not scored: NaN, and listed in ``overlong``."""
         if len(rows) == 0:
             raise ValueError("no pairs to score")

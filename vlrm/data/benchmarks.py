@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from vlrm.errors import RowProblem, UnsupportedRow
+
 VL_REWARDBENCH, MULTIMODAL_REWARDBENCH, MM_RLHF_REWARDBENCH = "vl_rewardbench", "multimodal_rewardbench", "mm_rlhf"
 BENCHMARKS = (VL_REWARDBENCH, MULTIMODAL_REWARDBENCH, MM_RLHF_REWARDBENCH)
 
@@ -71,14 +73,6 @@ REFERENCE_RESULTS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-class UnsupportedRow(Exception):
-    """A benchmark row vlrm cannot score (a video): skipped and counted, never an error and never silent."""
-
-    def __init__(self, field_name: str, reason: str):
-        super().__init__(reason)
-        self.field_name, self.reason = field_name, reason
-
-
 def benchmark_of(raw: dict[str, Any], named: str | None = None) -> str | None:
     """The benchmark a raw row belongs to: ``named`` (the config's choice), else recognised by its fields."""
     if named in BENCHMARKS:
@@ -102,8 +96,6 @@ def vl_rewardbench_category(raw: dict[str, Any]) -> str | None:
 
 def multimodal_rewardbench_fields(raw: dict[str, Any]) -> dict[str, Any]:
     """The vlrm layout of a Multimodal RewardBench row (``Better`` is ``Output1`` or ``Output2``)."""
-    from vlrm.data import RowProblem
-
     better = str(raw.get("Better", "")).strip()
     if better not in ("Output1", "Output2"):
         raise RowProblem("Better", f"expected Output1 or Output2, got {raw.get('Better')!r}")

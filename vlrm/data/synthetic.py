@@ -4,7 +4,7 @@ Each image shows one to three shapes of one colour on a plain background; the qu
 count. The chosen answer describes the image; the rejected answer gives another value. Every answer sentence is chosen
 exactly as often as it is rejected, so a model that ignores the image cannot beat 0.5.
 
-    python -m vlrm.synthetic --output_dir .cache/synthetic --num_train 1200 --num_eval 200
+    python -m vlrm synthetic --output_dir .cache/synthetic --num_train 1200 --num_eval 200
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import random
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -164,19 +165,22 @@ def make_synthetic_dataset(
     return train, held_out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vlrm synthetic", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output_dir", default=".cache/synthetic")
     parser.add_argument("--num_train", type=int, default=1200)
     parser.add_argument("--num_eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image_size", type=int, default=112)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     train, held_out = make_synthetic_dataset(
         args.output_dir, args.num_train, args.num_eval, args.seed, args.image_size
     )
     print(f"synthetic preference set written: {train}, {held_out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

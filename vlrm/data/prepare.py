@@ -1,19 +1,19 @@
 """Preparing preference data once: canonical rows with their token lengths in a memory-mapped Arrow set on disk,
 cached under a key of everything that changes it, and reused by every later run and every rank.
 
-    python -m vlrm.prepare training_configs/7b_config.yaml        # prepare ahead (the same cache train_rm.py reads)
+    python -m vlrm prepare training_configs/7b_config.yaml        # prepare ahead (the same cache train_rm.py reads)
 
-    from vlrm.prepare import DataSettings, prepare_mixture
+    from vlrm.data.prepare import DataSettings, prepare_mixture
     dataset, reports = prepare_mixture(["a.parquet", "b.jsonl"], DataSettings(max_seq_length=4096), encoder,
                                        weights=[1.0, 2.0])
 
-One preparation of one source, in ``num_proc`` processes (``datasets.Dataset.from_generator``, one shard each):
-read the drawn rows (streamed, see ``vlrm.data.RawRows``), map each onto the canonical row, decode every image once
+One preparation of one source, in ``num_proc`` processes (``datasets.Dataset.from_generator``, one shard each): read
+the drawn rows (streamed, see ``vlrm.data.sources.RawRows``), map each onto the canonical row, decode every image once
 to check it (it stays encoded, bytes or path: images are decoded again only in the collator, which may run in
 DataLoader workers), count its tokens (prompt with visual tokens, chosen, rejected), and leave out bad rows (an error
-naming file, row and field, or a counted skip) and pairs longer than ``max_seq_length`` (counted, never truncated).
-The rows are written in batches of ``WRITER_BATCH_ROWS``, so no process holds more than a few batches of images:
-memory does not grow with the data set.
+naming file, row and field, or a counted skip) and pairs longer than ``max_seq_length`` (counted, never truncated). The
+rows are written in batches of ``WRITER_BATCH_ROWS``, so no process holds more than a few batches of images: memory
+does not grow with the data set.
 
 The cache. ``cache_dir/<source name>-<key>/`` holds the Arrow files and ``vlrm_prepared.json`` (the report). The key
 hashes the source's identity (each file's path, size, mtime and content hash; a hub dataset's fingerprint), the
@@ -31,7 +31,6 @@ out); more, every row ``target // n`` times and a seeded subset once more. A mix
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -40,7 +39,6 @@ import os
 import re
 import resource
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,8 +49,10 @@ import datasets
 import numpy as np
 from filelock import FileLock
 
-from vlrm.benchmarks import UnsupportedRow
-from vlrm.data import CANONICAL_FEATURES, BadSampleError, RawRows, RowProblem, images_key, map_row, resolve_image
+from vlrm.data.images import resolve_image
+from vlrm.data.rows import CANONICAL_FEATURES, images_key, map_row
+from vlrm.data.sources import RawRows
+from vlrm.errors import BadSampleError, RowProblem, UnsupportedRow
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class DataSettings:
-    """How sources are prepared (the config keys of the same names; see ``vlrm.config``)."""
+    """How sources are prepared (the config keys of the same names; see ``vlrm.train.config``)."""
 
     on_bad_sample: str = "error"
     max_seq_length: int | None = None
@@ -104,7 +104,9 @@ class DataSettings:
     cache_dir: str | None = None
     hub_config: str | None = None
     hub_split: str = "train"
-    benchmark: str | None = None  # a benchmark layout for every row (vlrm.benchmarks); None: each row's fields tell
+    benchmark: str | None = (
+        None  # a benchmark layout for every row (vlrm.data.benchmarks); None: each row's fields tell
+    )
 
 
 @dataclass
@@ -473,7 +475,7 @@ def pair_lengths(dataset: datasets.Dataset) -> list[tuple[int, int, int]]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# What train_rm.py and `python -m vlrm.prepare` share
+# What train_rm.py and `python -m vlrm prepare` share
 
 
 def data_settings(config: Any, hub_split: str | None = None) -> DataSettings:
@@ -511,27 +513,3 @@ def prepare_training_data(config: Any, encoder: Any) -> tuple[datasets.Dataset, 
     if config.eval_dataset_path:
         evaluation = prepare(config.eval_dataset_path, config.eval_dataset_split, max_samples=config.max_eval_samples)
     return train, evaluation
-
-
-def main(argv: list[str]) -> int:
-    """``python -m vlrm.prepare CONFIG [--key value ...]``: prepare a training config's data into the cache."""
-    from transformers import AutoProcessor
-
-    from vlrm.batching import PreferenceEncoder
-    from vlrm.config import TrainConfig, load_config
-    from vlrm.scoring import apply_pixel_limits
-
-    parser = argparse.ArgumentParser(prog="python -m vlrm.prepare", description=main.__doc__)
-    parser.add_argument("config", help="a training config (YAML/JSON); any --key value after it overrides it")
-    arguments, overrides = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = load_config(TrainConfig, arguments.config, overrides)
-    processor = AutoProcessor.from_pretrained(config.model_name_or_path)
-    apply_pixel_limits(processor, config.min_pixels, config.max_pixels)
-    train, evaluation = prepare_training_data(config, PreferenceEncoder(processor))
-    logger.info("prepared %d training and %d eval pairs", len(train), 0 if evaluation is None else len(evaluation))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,15 +1,15 @@
 """``VLRewardModel``: a VLM backbone (no language-model head) and a scalar ``score`` head, for every family.
 
 The reward of a sequence is the score at its last real token. With the padded layout that token is found from the
-attention mask (so left or right padding and pad == eos are all fine); the packed layout (``vlrm.packing``) passes its
-positions as ``reward_index`` directly, with its ``packed_layout``.
+attention mask (so left or right padding and pad == eos are all fine); the packed layout (``vlrm.layout.packed``)
+passes its positions as ``reward_index`` directly, with its ``packed_layout``.
 
 ``VLRewardModel`` is the family-independent part. ``VLRewardModel.from_pretrained(path)`` and
-``VLRewardModel.from_config(config)`` read the config's ``model_type``, pick its family (``vlrm.families``) and build
-``reward_model_class(config)``: ``VLRewardModel`` mixed into the family's own ``*PreTrainedModel`` (``Qwen3VLRewardModel``,
-``LlavaRewardModel``, ...), whose backbone is the class transformers' ``AutoModel`` maps the config to. So weight
-initialisation, gradient checkpointing, attention kernels, DeepSpeed ZeRO-3 loading and checkpoint key conversions
-are transformers' own for that family, and ``isinstance(model, VLRewardModel)`` holds for all.
+``VLRewardModel.from_config(config)`` read the config's ``model_type``, pick its family (``vlrm.model.families``) and
+build ``reward_model_class(config)``: ``VLRewardModel`` mixed into the family's own ``*PreTrainedModel``
+(``Qwen3VLRewardModel``, ``LlavaRewardModel``, ...), whose backbone is the class transformers' ``AutoModel`` maps the
+config to. So weight initialisation, gradient checkpointing, attention kernels, DeepSpeed ZeRO-3 loading and checkpoint
+key conversions are transformers' own for that family, and ``isinstance(model, VLRewardModel)`` holds for all.
 
 Loads:
 - a reward model saved by vlrm (config + safetensors, ``architectures: ["Qwen2_5_VLRewardModel"]`` or its family's
@@ -17,9 +17,9 @@ Loads:
 - a plain VLM checkpoint (``Qwen2_5_VLForConditionalGeneration`` for Qwen2.5-VL 3B-72B and MiMo-VL-7B,
   ``Qwen3VLForConditionalGeneration``, ``Gemma3ForConditionalGeneration``, ...): ``lm_head`` is dropped and the score
   head is initialised from the current seed;
-- a LoRA reward checkpoint saved by vlrm (``adapter_config.json`` with a ``vlrm`` entry, see ``vlrm.lora``): its base
-  model is loaded, the adapters and the trained head are applied and merged, and a plain reward model comes back
-  (``base_model_path=`` names the base when the recorded one is not reachable here).
+- a LoRA reward checkpoint saved by vlrm (``adapter_config.json`` with a ``vlrm`` entry, see
+  ``vlrm.model.checkpoints``): its base model is loaded, the adapters and the trained head are applied and merged, and
+  a plain reward model comes back (``base_model_path=`` names the base when the recorded one is not reachable here).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 from transformers.utils import ModelOutput
 
-from vlrm.families import Family, family_of
-from vlrm.lora import is_lora_checkpoint, load_lora_reward_model
-from vlrm.packing import packed_backbone_inputs
+from vlrm.layout.packed_inputs import packed_backbone_inputs
+from vlrm.model.checkpoints import is_lora_checkpoint, load_lora_reward_model
+from vlrm.model.families import Family, family_of
 
 
 @dataclass
@@ -76,7 +76,9 @@ class VLRewardModel(PreTrainedModel):
         if pretrained_model_name_or_path is not None and is_lora_checkpoint(pretrained_model_name_or_path):
             if model_args or "config" in kwargs:
                 raise TypeError("a LoRA checkpoint loads with its own config: pass keyword arguments only")
-            return load_lora_reward_model(pretrained_model_name_or_path, base_model_path, merge=True, **kwargs)
+            return load_lora_reward_model(
+                pretrained_model_name_or_path, VLRewardModel, base_model_path, merge=True, **kwargs
+            )
         if cls is VLRewardModel:
             config = kwargs.get("config")
             if config is None:
@@ -124,7 +126,7 @@ class VLRewardModel(PreTrainedModel):
         ``mm_token_type_ids``, a generic processor's ``token_type_ids`` / ``image_sizes`` ...), passed on."""
         inputs.pop("use_cache", None)
         inputs = {key: value for key, value in inputs.items() if value is not None}
-        if packed_layout is not None:  # vlrm.packing: one padding-free row; reward_index comes with it
+        if packed_layout is not None:  # vlrm.layout.packed: one padding-free row; reward_index comes with it
             inputs = packed_backbone_inputs(self, input_ids, packed_layout, **inputs)
             outputs = self.model(**inputs, use_cache=False)
         else:

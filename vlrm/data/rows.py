@@ -1,0 +1,238 @@
+"""Mapping raw rows of every accepted layout onto the canonical row (see ARCHITECTURE.md, "The canonical row"), here
+and nowhere else. ``vlrm.data.sources`` reads the raw rows; ``vlrm.data.prepare`` runs this over a whole data set once
+and caches the result.
+
+Accepted layouts:
+
+- vlrm / seed README: ``{"question" | "prompt" | "query": str, "images": [...], "chosen": str, "rejected": str}``
+- TRL conversational vision: ``{"prompt": [messages], "chosen": [messages], "rejected": [messages], "images": [...]}``
+- RLAIF-V: ``{"question", "image", "chosen", "rejected"}``
+- VL-RewardBench: ``{"query", "image", "response": [a, b], "human_ranking": [rank_a, rank_b]}`` (lower rank wins)
+- LLaVA / POVID: ``{"conversations": [...], "rejected_conversations": [...], "image"}`` with ``<image>`` markers
+- the benchmarks' own layouts (``vlrm.data.benchmarks``)
+
+Images may be paths (relative to the data file), PIL images, raw bytes or ``{"bytes": ..., "path": ...}`` dicts
+(checked by ``vlrm.data.images``). Optional fields: ``id``, ``margin``, ``category``. A row that cannot be used raises
+``RowProblem`` naming the field; the caller adds the file and the row index (``BadSampleError``), or, with
+``on_bad_sample="skip"``, drops and counts it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import datasets
+
+import vlrm.data.benchmarks as benchmarks
+from vlrm.errors import RowProblem
+
+QUESTION_KEYS = ("question", "prompt", "query")
+IMAGE_MARKER = "<image>"
+
+# Arrow schema of a canonical row. Message content is always a list of parts so that every row has the same type.
+CANONICAL_FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "prompt": datasets.List(
+            {
+                "role": datasets.Value("string"),
+                "content": datasets.List({"type": datasets.Value("string"), "text": datasets.Value("string")}),
+            }
+        ),
+        "images": datasets.List(datasets.Image()),
+        "chosen": datasets.Value("string"),
+        "rejected": datasets.Value("string"),
+        "margin": datasets.Value("float32"),
+        "category": datasets.Value("string"),
+        "group": datasets.Value("string"),  # pairs judged together (MM-RLHF's Acc+), else null
+        "preferred_position": datasets.Value("int8"),  # where the preferred answer stood in the source row, if known
+        "benchmark": datasets.Value("string"),  # the benchmark layout it was read as (vlrm.data.benchmarks), or null
+    }
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mapping one row onto the canonical layout
+
+
+def _text(value: Any, field_name: str) -> str:
+    if not isinstance(value, str):
+        raise RowProblem(field_name, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise RowProblem(field_name, "is empty")
+    return value
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if hasattr(value, "tolist") and not isinstance(value, (bytes, str)):  # numpy arrays from parquet
+        return list(value.tolist()) if getattr(value, "ndim", 1) else [value.item()]
+    return [value]
+
+
+def _assistant_text(value: Any, field_name: str) -> str:
+    """A response: a string, or TRL's ``[{"role": "assistant", "content": ...}]``."""
+    if isinstance(value, str):
+        return _text(value, field_name)
+    messages = _as_list(value)
+    if len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "assistant":
+        raise RowProblem(field_name, "expected a string or a single assistant message")
+    content = messages[0].get("content")
+    if isinstance(content, str):
+        return _text(content, field_name)
+    texts = [
+        part.get("text") or "" for part in _as_list(content) if isinstance(part, dict) and part.get("type") == "text"
+    ]
+    return _text("".join(texts), field_name)
+
+
+def user_prompt(question: str, num_images: int) -> list[dict]:
+    """A single user turn; ``<image>`` markers place the images, else they go before the text."""
+    parts: list[dict] = []
+    if IMAGE_MARKER in question:
+        pieces = question.split(IMAGE_MARKER)
+        for index, piece in enumerate(pieces):
+            if index > 0:
+                parts.append({"type": "image", "text": None})
+            if piece.strip():
+                parts.append({"type": "text", "text": piece.strip("\n")})
+    else:
+        parts = [{"type": "image", "text": None} for _ in range(num_images)]
+        parts.append({"type": "text", "text": question})
+    return [{"role": "user", "content": parts}]
+
+
+def _normalise_messages(messages: list, field_name: str) -> list[dict]:
+    normalised = []
+    for message in messages:
+        if not isinstance(message, dict) or "role" not in message:
+            raise RowProblem(field_name, "expected a list of {role, content} messages")
+        content = message.get("content")
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        else:
+            parts = []
+            for part in _as_list(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "image":
+                    parts.append({"type": "image", "text": None})
+                elif kind == "text":
+                    parts.append({"type": "text", "text": part.get("text") or ""})
+                else:
+                    raise RowProblem(field_name, f"unsupported message part {part!r}")
+        normalised.append({"role": message["role"], "content": parts})
+    return normalised
+
+
+def _llava_turns(conversations: Any, field_name: str) -> tuple[str, str]:
+    turns = _as_list(conversations)
+    if len(turns) < 2 or not all(isinstance(turn, dict) for turn in turns):
+        raise RowProblem(field_name, "expected [{from: human, value}, {from: gpt, value}]")
+    human = [turn for turn in turns if turn.get("from") in ("human", "user")]
+    answer = [turn for turn in turns if turn.get("from") in ("gpt", "assistant")]
+    if not human or not answer:
+        raise RowProblem(field_name, "needs one human and one gpt turn")
+    return _text(human[0].get("value"), field_name), _text(answer[-1].get("value"), field_name)
+
+
+def map_row(raw: dict[str, Any], benchmark: str | None = None) -> dict[str, Any]:
+    """Map one raw row of any accepted layout to the canonical fields (images still unresolved). ``benchmark`` names
+    a benchmark layout (``vlrm.data.benchmarks``); by default each row's own fields tell. Raises ``RowProblem``, or
+    ``UnsupportedRow`` for a benchmark row vlrm cannot score."""
+    kind = benchmarks.benchmark_of(raw, benchmark)
+    if kind == benchmarks.MULTIMODAL_REWARDBENCH:
+        raw = benchmarks.multimodal_rewardbench_fields(raw)
+    elif kind == benchmarks.MM_RLHF_REWARDBENCH:
+        raw = benchmarks.mm_rlhf_fields(raw)
+    images = _as_list(raw.get("images", raw.get("image")))
+    if "conversations" in raw:  # LLaVA / POVID
+        pair = _llava_pair(raw, len(images))
+    elif "response" in raw and "human_ranking" in raw:  # VL-RewardBench
+        pair = _vl_rewardbench_pair(raw, len(images))
+    else:
+        pair = _chosen_rejected_pair(raw, len(images))
+    prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
+    if chosen.strip() == rejected.strip():
+        raise RowProblem("rejected", "identical to chosen: no preference to learn")
+    num_image_parts = sum(part["type"] == "image" for message in prompt for part in message["content"])
+    if num_image_parts != len(images):
+        raise RowProblem("images", f"{len(images)} images but {num_image_parts} image places in the prompt")
+    margin = raw.get("margin")
+    if margin is not None and not isinstance(margin, (int, float)):
+        raise RowProblem("margin", f"expected a number, got {type(margin).__name__}")
+    category = pair.get("category", raw.get("category"))
+    return {
+        "prompt": prompt,
+        "images": images,
+        "chosen": chosen,
+        "rejected": rejected,
+        "margin": None if margin is None else float(margin),
+        "category": None if category is None else str(category),
+        "group": raw.get("group"),
+        "preferred_position": pair.get("preferred_position", raw.get("preferred_position")),
+        "benchmark": kind,
+    }
+
+
+def _llava_pair(raw: dict[str, Any], num_images: int) -> dict[str, Any]:
+    question, chosen = _llava_turns(raw["conversations"], "conversations")
+    if "rejected_conversations" in raw:
+        _, rejected = _llava_turns(raw["rejected_conversations"], "rejected_conversations")
+    else:
+        rejected = _assistant_text(raw.get("rejected"), "rejected")
+    return {"prompt": user_prompt(question, num_images), "chosen": chosen, "rejected": rejected}
+
+
+def _vl_rewardbench_pair(raw: dict[str, Any], num_images: int) -> dict[str, Any]:
+    responses, ranking = _as_list(raw["response"]), _as_list(raw["human_ranking"])
+    if len(responses) != 2 or len(ranking) != 2:
+        raise RowProblem("response", "VL-RewardBench rows need two responses and two ranks")
+    if ranking[0] == ranking[1]:
+        raise RowProblem("human_ranking", "both responses have the same rank: no preference")
+    best = 0 if ranking[0] < ranking[1] else 1
+    category = raw.get("category")
+    return {
+        "prompt": user_prompt(_text(raw.get("query"), "query"), num_images),
+        "chosen": _text(responses[best], "response"),
+        "rejected": _text(responses[1 - best], "response"),
+        "preferred_position": best,
+        "category": benchmarks.vl_rewardbench_category(raw) if category is None else category,
+    }
+
+
+def _chosen_rejected_pair(raw: dict[str, Any], num_images: int) -> dict[str, Any]:
+    if "chosen" not in raw:
+        raise RowProblem("chosen", "missing (no known layout matched the row's fields: " + ", ".join(raw) + ")")
+    if "rejected" not in raw:
+        raise RowProblem("rejected", "missing")
+    chosen = _assistant_text(raw["chosen"], "chosen")
+    rejected = _assistant_text(raw["rejected"], "rejected")
+    question_key = next((key for key in QUESTION_KEYS if key in raw), None)
+    if question_key is None:
+        raise RowProblem("question", f"missing: one of {', '.join(QUESTION_KEYS)} is needed")
+    question = raw[question_key]
+    if isinstance(question, str):
+        prompt = user_prompt(_text(question, question_key), num_images)
+    elif isinstance(question, (list, tuple)) or hasattr(question, "tolist"):
+        prompt = _normalise_messages(_as_list(question), question_key)
+    else:
+        kind = "null" if question is None else type(question).__name__
+        raise RowProblem(question_key, f"expected a question string or a list of messages, got {kind}")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def images_key(prompt: list[dict], images: list[dict]) -> str:
+    """What makes two prompts the same to the irrelevant-query sampler: their images, or their text when they have
+    none (``vlrm.train.irrelevant``)."""
+    if images:
+        keys = [
+            hashlib.sha1(image["bytes"]).hexdigest() if image.get("bytes") is not None else str(image["path"])
+            for image in images
+        ]
+        return "images:" + hashlib.sha1("\x00".join(keys).encode()).hexdigest()
+    return "text:" + hashlib.sha1(json.dumps(prompt, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,168 @@
+"""``PreferenceEncoder``: what turns a canonical row into token ids and image tensors, for both layouts.
+
+It renders prompts with the checkpoint's chat template and runs the processor on them, tokenizes responses with the
+turn's end token (where the reward is read), and counts a row's tokens, visual tokens included, from the images'
+sizes alone (``vlrm.data.prepare`` counts every row once with it). ``apply_pixel_limits`` bounds the image area the
+processor resizes to (the ``min_pixels`` / ``max_pixels`` config keys).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from vlrm.data.images import to_rgb
+
+
+def open_image_header(image: Any) -> Image.Image:
+    """A lazily opened PIL image from a decoded image, a path, raw bytes or an undecoded ``{"bytes", "path"}``
+    dict."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, dict):
+        image = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
+    elif isinstance(image, (bytes, bytearray)):
+        image = io.BytesIO(image)
+    return Image.open(image)
+
+
+def open_image(image: Any) -> Image.Image:
+    """The decoded RGB image the processor receives (``vlrm.data.images.to_rgb``: alpha on white, 16-bit scaled)."""
+    return to_rgb(open_image_header(image))
+
+
+_SENTINEL = "vlrm-response-sentinel"
+
+
+def chat_end_of_turn(processor: Any) -> str:
+    """The token that closes an assistant turn in the processor's chat template (``<|im_end|>``, ``<end_of_turn>``,
+    ``</s>``...): the first special token the template writes after an assistant message; the tokenizer's eos token
+    when it writes none."""
+    tokenizer = processor.tokenizer
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Q"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]},
+    ]
+    try:
+        rendered = processor.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template that cannot render this conversation: fall back to eos
+        return tokenizer.eos_token
+    after = rendered.rsplit(_SENTINEL, 1)[-1].lstrip(" ")
+    special = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()), key=len, reverse=True)
+    return next((token for token in special if token and after.startswith(token)), tokenizer.eos_token)
+
+
+@dataclass
+class EncodedPrompt:
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+
+
+class PreferenceEncoder:
+    """Renders prompts with the chat template and runs the processor; tokenizes responses separately.
+
+    A prompt ends with the assistant header (``add_generation_prompt``); a response is its text plus the turn's end
+    token (``<|im_end|>`` for Qwen, ``<end_of_turn>`` for Gemma: ``chat_end_of_turn``), the token whose hidden state
+    the reward is read from.
+
+    Two encodings: Qwen-style processors (an image processor with ``merge_size``, patch rows plus ``image_grid_thw``;
+    ``grid_images``) have the packed layout and count visual tokens from an image's size alone. Any other
+    image-text-to-text processor goes through ``pad_with_processor``: the padded layout, the processor's own image
+    tensors (``token_type_ids``, ``image_sizes``, ...) passed to the model as they come.
+    """
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.grid_images = getattr(getattr(processor, "image_processor", None), "merge_size", None) is not None
+        self.end_of_turn = chat_end_of_turn(processor)
+        self.image_token_id = getattr(processor, "image_token_id", None) if self.grid_images else None
+        self.pad_token_id = self.tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = self.tokenizer.convert_tokens_to_ids(self.end_of_turn)
+        self._image_expansion: dict[tuple[int, int], int] = {}
+
+    def prompt_text(self, prompt: list[dict]) -> str:
+        return self.processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+    def encode_prompt(self, prompt: list[dict], images: list) -> EncodedPrompt:
+        text = self.prompt_text(prompt)
+        if not images:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return EncodedPrompt(ids, None, None)
+        if not self.grid_images:
+            raise ValueError(
+                f"{type(self.processor).__name__} has no Qwen-style image grid: its prompts go through "
+                "pad_with_processor (the padded layout)"
+            )
+        encoded = self.processor(
+            text=[text], images=[open_image(image) for image in images], return_tensors="pt", add_special_tokens=False
+        )
+        return EncodedPrompt(encoded["input_ids"][0].tolist(), encoded["pixel_values"], encoded.get("image_grid_thw"))
+
+    def encode_response(self, text: str) -> list[int]:
+        return self.tokenizer(text + self.end_of_turn, add_special_tokens=False)["input_ids"]
+
+    def visual_tokens(self, image: Any) -> int:
+        """Visual tokens an image (or a (width, height) size) becomes, from its size alone (no pixels are
+        processed); Qwen-style processors only."""
+        width, height = image if isinstance(image, tuple) else open_image_header(image).size
+        image_processor = self.processor.image_processor
+        patches = image_processor.get_number_of_image_patches(height, width, {})
+        return patches // image_processor.merge_size**2
+
+    def sequence_lengths(self, row: dict, image_sizes: list[tuple[int, int]] | None = None) -> tuple[int, int, int]:
+        """(prompt, chosen, rejected) lengths in tokens, visual tokens included; the images' sizes (width, height)
+        are read from their headers unless given."""
+        texts = [self.prompt_text(row["prompt"]), row["chosen"] + self.end_of_turn, row["rejected"] + self.end_of_turn]
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        # One call into the Rust tokenizer (this runs once per row of every data set), unless a padded call left its
+        # padding or truncation switched on (the generic path's processor call does).
+        if backend is not None and backend.padding is None and backend.truncation is None:
+            prompt, chosen, rejected = (len(encoding.ids) for encoding in backend.encode_batch(texts, False))
+        else:
+            prompt, chosen, rejected = map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"])
+        return prompt + self._visual_extra(image_sizes or row["images"]), chosen, rejected
+
+    def prompt_length(self, prompt: list[dict], images: list) -> int:
+        """Tokens of a rendered prompt, visual tokens included (images, or their (width, height) sizes)."""
+        text_ids = self.tokenizer(self.prompt_text(prompt), add_special_tokens=False)["input_ids"]
+        return len(text_ids) + self._visual_extra(images)
+
+    def _visual_extra(self, images: list) -> int:
+        # The rendered prompt holds one placeholder per image; the processor expands it to the image's tokens.
+        if self.grid_images:
+            return sum(self.visual_tokens(image) - 1 for image in images)
+        sizes = [image if isinstance(image, tuple) else open_image_header(image).size for image in images]
+        return sum(self.image_expansion(size) for size in sizes)
+
+    def image_expansion(self, size: tuple[int, int]) -> int:
+        """Tokens an image of this (width, height) adds to a rendered prompt in a generic processor: measured once
+        per size on a blank image (an image's tokens depend on its size, never on its pixels)."""
+        if size not in self._image_expansion:
+            text = self.prompt_text([{"role": "user", "content": [{"type": "image"}]}])
+            blank = Image.new("RGB", size)
+            expanded = self.processor(text=[text], images=[[blank]], add_special_tokens=False)["input_ids"][0]
+            self._image_expansion[size] = len(expanded) - len(
+                self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            )
+        return self._image_expansion[size]
+
+
+def apply_pixel_limits(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Bound the image area the processor resizes to; None keeps the processor's own setting."""
+    if min_pixels or max_pixels:
+        size = dict(processor.image_processor.size)
+        if "longest_edge" not in size or "shortest_edge" not in size:
+            raise ValueError(
+                f"min_pixels / max_pixels bound the image area of Qwen-style processors; "
+                f"{type(processor.image_processor).__name__} resizes images to {size}: leave them unset"
+            )
+        size["shortest_edge"] = min_pixels or size["shortest_edge"]
+        size["longest_edge"] = max_pixels or size["longest_edge"]
+        processor.image_processor.size = size

@@ -1,0 +1,205 @@
+"""The packed layout: one padding-free row per micro-batch, each prompt once, each branch attending to its prompt.
+
+A micro-batch becomes ONE sequence ``[1, T]``, laid out node by node::
+
+    [prompt_0][branch][branch]..[prompt_1][branch]..
+
+A prompt node is a distinct prompt (same messages and same images = same node). Each pair's chosen and rejected
+branches hang under its prompt; an irrelevant branch (pair i's chosen under another prompt) hangs under that
+prompt's node when it is in the batch, else under a node of its own. Each distinct image goes through the vision
+encoder once per micro-batch, even when several nodes show it (``irrelevant_mode: image``).
+
+Attention (``vlrm.attention``, used by the language model only): prompt tokens attend causally within their prompt;
+branch tokens attend to their whole prompt and causally to their own branch. Positions: the prompt's 3D positions
+from the backbone's ``get_rope_index``; branch token t sits at (max prompt position + 1 + t) on all three axes. Image
+features (with Qwen3-VL's DeepStack features) go to the backbone in occurrence order, so it places them on the row's
+image tokens. Each branch therefore sees exactly what its row of the padded layout sees, so rewards and gradients
+match the padded layout to float32 round-off (``tests/test_packing.py``, ``tests/test_families.py``). Which families
+have this layout: ``vlrm.families`` (``packed``).
+
+Rewards come back in the padded layout's order (chosen B, rejected B, irrelevant B x K pair-major) through
+``reward_index``, and the collator adds the same ``num_pairs``, ``num_irrelevant`` and ``margin`` fields.
+
+Use::
+
+    enable_packed_attention(model)              # once after loading: sdpa/eager -> packed SDPA, FA2 -> varlen
+    collator = PackedPreferenceCollator(encoder)  # or make_collator(encoder, packing=True)
+    rewards = model(**{k: v for k, v in collator(rows).items() if k not in PAIR_FIELDS}).rewards
+
+The padded layout keeps working on an enabled model: without ``packed_layout`` the attention functions are the
+standard sdpa / eager / flash ones.
+
+This module also holds ``make_collator`` (either layout) and the pair sizes used for length-aware batching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from vlrm.layout.encoder import PreferenceEncoder
+from vlrm.layout.padded import PaddedPreferenceCollator, add_pair_fields
+from vlrm.layout.segments import build_layout
+
+
+def image_key(image: Any) -> tuple:
+    """What makes two images the same: their pixels (PIL), their bytes, or their path."""
+    if isinstance(image, Image.Image):
+        return ("pixels", image.mode, image.size, hashlib.sha1(image.tobytes()).hexdigest())
+    if isinstance(image, dict):
+        if image.get("bytes") is not None:
+            return ("bytes", hashlib.sha1(image["bytes"]).hexdigest())
+        return ("path", str(image["path"]))
+    if isinstance(image, (bytes, bytearray)):
+        return ("bytes", hashlib.sha1(image).hexdigest())
+    return ("path", str(image))
+
+
+def prompt_key(prompt: list[dict], images: list) -> tuple:
+    return json.dumps(prompt, sort_keys=True, default=str), tuple(image_key(image) for image in images)
+
+
+class _Nodes:
+    """Prompt nodes and the branches under them: (reward position, response ids) per node."""
+
+    def __init__(self):
+        self.index: dict[tuple, int] = {}
+        self.prompts: list[tuple[list[dict], list, tuple]] = []
+        self.branches: list[list[tuple[int, list[int]]]] = []
+
+    def add(self, prompt: list[dict], images: list, position: int, response: list[int]) -> None:
+        key = prompt_key(prompt, images)
+        if key not in self.index:
+            self.index[key] = len(self.prompts)
+            self.prompts.append((prompt, images, key[1]))
+            self.branches.append([])
+        self.branches[self.index[key]].append((position, response))
+
+
+def pack_branches(encoder: PreferenceEncoder, examples: list[dict]) -> dict[str, Any]:
+    """The packed row of a micro-batch of pairs: input ids, deduplicated images, ``reward_index`` and the layout."""
+    num_pairs = len(examples)
+    chosen = [encoder.encode_response(example["chosen"]) for example in examples]
+    nodes = _Nodes()
+    for index, example in enumerate(examples):
+        nodes.add(example["prompt"], example["images"], index, chosen[index])
+        nodes.add(
+            example["prompt"], example["images"], num_pairs + index, encoder.encode_response(example["rejected"])
+        )
+    reward_position = 2 * num_pairs
+    for index, example in enumerate(examples):
+        for other in example.get("irrelevant", None) or []:
+            nodes.add(other["prompt"], other["images"], reward_position, chosen[index])
+            reward_position += 1
+    return _pack_nodes(encoder, nodes, reward_position)
+
+
+def pack_responses(encoder: PreferenceEncoder, rows: list[tuple[list[dict], list, list[int]]]) -> dict[str, Any]:
+    """The packed row of single responses ``(prompt messages, images, response ids)``, reward i for row i. Rows with
+    the same prompt and images (a GRPO group: several completions of one prompt) share one prompt node, so the prompt
+    and its images are computed once for the group."""
+    nodes = _Nodes()
+    for position, (prompt, images, response) in enumerate(rows):
+        nodes.add(prompt, images, position, response)
+    return _pack_nodes(encoder, nodes, len(rows))
+
+
+def _pack_nodes(encoder: PreferenceEncoder, nodes: _Nodes, num_rewards: int) -> dict[str, Any]:
+    """The packed row of prompt nodes and their branches, with ``reward_index`` (reward position -> token)."""
+    row = _lay_out(encoder, nodes, num_rewards)
+    ids = torch.tensor([row["input_ids"]])
+    batch = {
+        "input_ids": ids,
+        "mm_token_type_ids": (ids == encoder.image_token_id).long(),
+        "reward_index": torch.tensor(row["reward_index"], dtype=torch.long),
+        "packed_layout": build_layout(row),
+    }
+    if row["grids"]:
+        batch["pixel_values"] = torch.cat(row["pixel_rows"])
+        batch["image_grid_thw"] = torch.stack(row["grids"])
+    return batch
+
+
+def _lay_out(encoder: PreferenceEncoder, nodes: _Nodes, num_rewards: int) -> dict[str, Any]:
+    """Token ids, segments and spans node by node; each distinct image's pixel rows once (``image_order``: image
+    occurrence -> distinct image)."""
+    row = {name: [] for name in ("input_ids", "segments", "prompt_spans", "node_images", "branch_spans")}
+    row.update(reward_index=[0] * num_rewards, pixel_rows=[], grids=[], image_order=[])
+    unique_images: dict[tuple, int] = {}
+    input_ids, segments = row["input_ids"], row["segments"]
+    for (prompt, images, image_keys), branches in zip(nodes.prompts, nodes.branches, strict=True):
+        encoded = encoder.encode_prompt(prompt, images)
+        if encoded.pixel_values is not None:
+            pixel_rows = torch.split(encoded.pixel_values, encoded.image_grid_thw.prod(-1).tolist())
+            for key, image_rows, grid in zip(image_keys, pixel_rows, encoded.image_grid_thw, strict=True):
+                if key not in unique_images:
+                    unique_images[key] = len(row["grids"])
+                    row["pixel_rows"].append(image_rows)
+                    row["grids"].append(grid)
+                row["image_order"].append(unique_images[key])
+        row["node_images"].append((len(row["image_order"]) - len(images), len(row["image_order"])))
+        prompt_start = len(input_ids)
+        input_ids += encoded.input_ids
+        prompt_end = len(input_ids)
+        row["prompt_spans"].append((prompt_start, prompt_end))
+        segments.append((prompt_start, prompt_end, prompt_start, prompt_start))
+        spans = []
+        for position, response in sorted(branches, key=lambda branch: branch[0]):
+            start = len(input_ids)
+            input_ids += response
+            spans.append((start, len(input_ids)))
+            segments.append((start, len(input_ids), prompt_start, prompt_end))
+            row["reward_index"][position] = len(input_ids) - 1
+        row["branch_spans"].append(spans)
+    return row
+
+
+class PackedPreferenceCollator:
+    """Collates canonical rows into the packed layout plus ``num_pairs``, ``num_irrelevant`` and ``margin``."""
+
+    def __init__(self, encoder: PreferenceEncoder):
+        self.encoder = encoder
+
+    def __call__(self, examples: list[dict]) -> dict[str, Any]:
+        return add_pair_fields(pack_branches(self.encoder, examples), examples)
+
+
+def make_collator(encoder: PreferenceEncoder, packing: bool = False):
+    """The collator for a layout: packed (``PackedPreferenceCollator``) or padded (``PaddedPreferenceCollator``).
+    Both return the same fields and the same reward order."""
+    return PackedPreferenceCollator(encoder) if packing else PaddedPreferenceCollator(encoder)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pair sizes: tokens a pair costs in each layout, for length-aware batching
+
+
+def packed_tokens(
+    lengths: Sequence[tuple[int, int, int]], num_irrelevant: int = 0, prompt_keys: Sequence | None = None
+) -> int:
+    """Tokens of these pairs in one packed row: each distinct prompt once (by ``prompt_keys``, when given), chosen
+    and rejected, and ``num_irrelevant`` copies of chosen (irrelevant branches hung under in-batch prompts)."""
+    seen, total = set(), 0
+    for index, (prompt_length, chosen_length, rejected_length) in enumerate(lengths):
+        key = prompt_keys[index] if prompt_keys is not None else index
+        if key not in seen:
+            seen.add(key)
+            total += prompt_length
+        total += chosen_length * (1 + num_irrelevant) + rejected_length
+    return total
+
+
+def pair_tokens(length: tuple[int, int, int], num_irrelevant: int = 0, packing: bool = True) -> int:
+    """Tokens one pair adds to a micro-batch: packed, its prompt once plus its branches; padded, one row per branch,
+    each as long as the prompt plus the longer response. The size transformers' length-aware samplers
+    (``train_sampling_strategy: group_by_length | batch_rebalance``) read from the dataset's length column;
+    ``length`` is one entry of ``vlrm.prepare.pair_lengths``."""
+    if packing:
+        return packed_tokens([length], num_irrelevant)
+    prompt_length, chosen_length, rejected_length = length
+    return (2 + num_irrelevant) * (prompt_length + max(chosen_length, rejected_length))

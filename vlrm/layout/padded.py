@@ -1,0 +1,145 @@
+"""The padded layout: one right-padded row per (prompt, branch), and the reward order both layouts share.
+
+Every pair is one prompt (images + question) with response branches: chosen, rejected and, with the irrelevant-query
+augmentation, the pair's chosen response under other prompts. Rewards come back in one flat tensor ordered as
+
+    [chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}, irrelevant_{0,0} .. irrelevant_{B-1,K-1}]
+
+whatever the layout; ``split_rewards`` undoes it.
+
+The padded layout is the baseline, and the fallback for any model: every family has it. The packed layout is in
+``vlrm.layout.packed``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vlrm.layout.encoder import EncodedPrompt, PreferenceEncoder, open_image
+
+
+def branch_sequences(encoder: PreferenceEncoder, examples: list[dict]) -> list[tuple[EncodedPrompt, list[int]]]:
+    """(prompt, response ids) per branch, in reward order: chosen, rejected, then irrelevant (pair-major)."""
+    prompts = [encoder.encode_prompt(example["prompt"], example["images"]) for example in examples]
+    chosen = [encoder.encode_response(example["chosen"]) for example in examples]
+    sequences = [(prompts[i], chosen[i]) for i in range(len(examples))]
+    sequences += [(prompts[i], encoder.encode_response(example["rejected"])) for i, example in enumerate(examples)]
+    for i, example in enumerate(examples):
+        for other in example.get("irrelevant", None) or []:
+            sequences.append((encoder.encode_prompt(other["prompt"], other["images"]), chosen[i]))
+    return sequences
+
+
+def branch_rows(encoder: PreferenceEncoder, examples: list[dict]) -> list[tuple[list[dict], list, list[int]]]:
+    """(prompt messages, images, response ids) per branch, in reward order, for ``pad_with_processor``."""
+    chosen = [encoder.encode_response(example["chosen"]) for example in examples]
+    rows = [(example["prompt"], example["images"], chosen[i]) for i, example in enumerate(examples)]
+    rows += [
+        (example["prompt"], example["images"], encoder.encode_response(example["rejected"])) for example in examples
+    ]
+    for i, example in enumerate(examples):
+        rows += [(other["prompt"], other["images"], chosen[i]) for other in example.get("irrelevant", None) or []]
+    return rows
+
+
+def pad_with_processor(encoder: PreferenceEncoder, rows: list[tuple[list[dict], list, list[int]]]) -> dict[str, Any]:
+    """The padded layout through the processor itself, for any image-text-to-text family: the rendered prompts and
+    their images in one processor call (which lays out its own image tensors), then each row's response ids appended
+    and the rows right padded. Token-aligned outputs (``token_type_ids``, ``mm_token_type_ids``) are extended with 0
+    over the response, as the processor gives text tokens."""
+    texts = [encoder.prompt_text(prompt) for prompt, _, _ in rows]
+    images = [[open_image(image) for image in row_images] for _, row_images, _ in rows]
+    arguments = {"text": texts, "padding": True, "return_tensors": "pt", "add_special_tokens": False}
+    if any(images):
+        arguments["images"] = images
+    processed = dict(encoder.processor(**arguments))
+    prompt_ids, prompt_mask = processed.pop("input_ids"), processed.pop("attention_mask").bool()
+    token_keys = [
+        key for key, value in processed.items() if torch.is_tensor(value) and value.shape == prompt_ids.shape
+    ]
+    sequences = [prompt_ids[i][prompt_mask[i]].tolist() + response for i, (_, _, response) in enumerate(rows)]
+    length = max(len(sequence) for sequence in sequences)
+    batch = {"input_ids": torch.full((len(rows), length), encoder.pad_token_id, dtype=torch.long)}
+    batch["attention_mask"] = torch.zeros((len(rows), length), dtype=torch.long)
+    for key in token_keys:
+        batch[key] = torch.zeros((len(rows), length), dtype=processed[key].dtype)
+    for i, sequence in enumerate(sequences):
+        batch["input_ids"][i, : len(sequence)] = torch.tensor(sequence)
+        batch["attention_mask"][i, : len(sequence)] = 1
+        for key in token_keys:
+            prompt_values = processed[key][i][prompt_mask[i]]
+            batch[key][i, : len(prompt_values)] = prompt_values
+    batch.update({key: value for key, value in processed.items() if key not in token_keys})
+    return batch
+
+
+def pad_rows(encoder: PreferenceEncoder, rows: list[tuple[list[dict], list, list[int]]]) -> dict[str, Any]:
+    """The padded layout of ``(prompt messages, images, response ids)`` rows, through the encoding the processor
+    has: Qwen-style patch grids (``pad_branches``) or the processor itself (``pad_with_processor``)."""
+    if not encoder.grid_images:
+        return pad_with_processor(encoder, rows)
+    encoded = [(encoder.encode_prompt(prompt, images), response) for prompt, images, response in rows]
+    return pad_branches(encoded, encoder.pad_token_id, encoder.image_token_id)
+
+
+def pad_branches(
+    sequences: list[tuple[EncodedPrompt, list[int]]], pad_token_id: int, image_token_id: int
+) -> dict[str, torch.Tensor]:
+    """One right-padded row per branch. Images are repeated for every row of their prompt, as a pairwise
+    collator does."""
+    rows = [prompt.input_ids + response for prompt, response in sequences]
+    length = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, : len(row)] = torch.tensor(row)
+        attention_mask[index, : len(row)] = 1
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "mm_token_type_ids": (input_ids == image_token_id).long() * attention_mask,
+    }
+    with_images = [prompt for prompt, _ in sequences if prompt.pixel_values is not None]
+    if with_images:
+        batch["pixel_values"] = torch.cat([prompt.pixel_values for prompt in with_images])
+        batch["image_grid_thw"] = torch.cat([prompt.image_grid_thw for prompt in with_images])
+    return batch
+
+
+class PaddedPreferenceCollator:
+    """Collates canonical rows into the padded layout plus ``num_pairs``, ``num_irrelevant`` and ``margin``."""
+
+    def __init__(self, encoder: PreferenceEncoder):
+        self.encoder = encoder
+
+    def __call__(self, examples: list[dict]) -> dict[str, Any]:
+        if self.encoder.grid_images:
+            batch = pad_branches(
+                branch_sequences(self.encoder, examples), self.encoder.pad_token_id, self.encoder.image_token_id
+            )
+        else:
+            batch = pad_with_processor(self.encoder, branch_rows(self.encoder, examples))
+        return add_pair_fields(batch, examples)
+
+
+def add_pair_fields(batch: dict[str, Any], examples: list[dict]) -> dict[str, Any]:
+    num_irrelevant = {len(example.get("irrelevant") or []) for example in examples}
+    if len(num_irrelevant) > 1:
+        raise ValueError(f"every pair in a batch needs the same number of irrelevant prompts, got {num_irrelevant}")
+    batch["num_pairs"] = len(examples)
+    batch["num_irrelevant"] = num_irrelevant.pop()
+    margins = [example.get("margin") for example in examples]
+    if any(margin is not None for margin in margins):
+        batch["margin"] = torch.tensor([margin or 0.0 for margin in margins], dtype=torch.float32)
+    return batch
+
+
+def split_rewards(
+    rewards: torch.Tensor, num_pairs: int, num_irrelevant: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen [B], rejected [B], irrelevant [B, K]) from the flat reward tensor."""
+    chosen, rejected = rewards[:num_pairs], rewards[num_pairs : 2 * num_pairs]
+    irrelevant = rewards[2 * num_pairs :].reshape(num_pairs, num_irrelevant)
+    return chosen, rejected, irrelevant

@@ -1,0 +1,16 @@
+"""The train wing: the configs of both scripts, the trainer, and the irrelevant-query augmentation.
+
+``config`` holds ``TrainConfig`` and ``EvalConfig`` (every field with its help), ``config_files.load_config`` reads
+them from YAML and the command line; ``trainer`` is TRL's RewardTrainer for vision-language rows
+(``VLRewardTrainer``); ``irrelevant`` draws the irrelevant-query partners.
+"""
+
+from vlrm.train.config import EvalConfig, ModelDataArguments, TrainConfig
+from vlrm.train.config_files import config_to_dict, load_config
+from vlrm.train.irrelevant import IrrelevantPairSampler, IrrelevantQueryCollator, RowsWithIrrelevantPrompts
+from vlrm.train.trainer import LogFileCallback, VLRewardTrainer, reward_losses
+
+__all__ = [
+    "EvalConfig", "IrrelevantPairSampler", "IrrelevantQueryCollator", "LogFileCallback", "ModelDataArguments",
+    "RowsWithIrrelevantPrompts", "TrainConfig", "VLRewardTrainer", "config_to_dict", "load_config", "reward_losses",
+]  # fmt: skip

@@ -1,0 +1,274 @@
+"""Request bodies -> rows for ``RewardScorer.score``, or a ``RequestError`` naming the item and the field.
+
+``/score`` items are a prompt (a question string, ``<image>`` markers placing the images, or chat messages), images
+and a response. ``/get_reward`` queries (OpenRLHF's remote reward) are full texts, split into prompt and response
+with ``prompts`` or at the last assistant header, the chat text read back into turns that must render to exactly that
+text. Every item's tokens are counted against ``max_seq_length`` here, before it is queued: nothing is truncated.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import threading
+from typing import Any
+
+from vlrm.data.rows import user_prompt
+from vlrm.layout.encoder import PreferenceEncoder
+from vlrm.use.scoring import RewardScorer
+from vlrm.use.server.media import ImageDecoder
+from vlrm.use.server.settings import NO_REWARD_STATS, RequestError, ServerSettings, kind_of
+
+ITEM_FIELDS = ("prompt", "images", "response")
+ROLES = ("system", "user", "assistant")
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
+VISION_PLACEHOLDER = re.compile(r"<\|vision_start\|>(?:<\|image_pad\|>)+<\|vision_end\|>")
+TURN = re.compile(r"<\|im_start\|>(system|user|assistant)\n(.*?)<\|im_end\|>\n?", re.S)
+
+
+def _json_object(body: bytes, allowed: tuple[str, ...]) -> dict:
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RequestError(f"invalid JSON: {error}") from error
+    if not isinstance(payload, dict):
+        raise RequestError(f"the body must be a JSON object, got {kind_of(payload)}")
+    unknown = [key for key in payload if key not in allowed]
+    if unknown:
+        raise RequestError(f"unknown field {unknown[0]!r}; expected: {', '.join(allowed)}", field=unknown[0])
+    return payload
+
+
+def _text(value: Any, item: int, field_name: str) -> str:
+    if not isinstance(value, str):
+        raise RequestError(f"expected a string, got {kind_of(value)}", item, field_name)
+    if not value.strip():
+        raise RequestError("is empty", item, field_name)
+    return value
+
+
+def _messages(prompt: Any, num_images: int, item: int, field_name: str) -> list[dict]:
+    """A question string (``<image>`` markers place the images) or chat messages -> validated chat messages."""
+    if isinstance(prompt, str):
+        return user_prompt(_text(prompt, item, field_name), num_images)
+    if not isinstance(prompt, list) or not prompt:
+        raise RequestError(
+            f"expected a question string or a non-empty list of {{role, content}} messages, got {kind_of(prompt)}",
+            item, field_name,
+        )  # fmt: skip
+    messages = []
+    for index, message in enumerate(prompt):
+        if not isinstance(message, dict) or set(message) != {"role", "content"} or message["role"] not in ROLES:
+            raise RequestError(
+                f"message {index}: expected {{role: {' | '.join(ROLES)}, content}}, got {message!r:.80}",
+                item,
+                field_name,
+            )
+        content = message["content"]
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            parts = [_part(part, f"message {index}", item, field_name) for part in content]
+        else:
+            raise RequestError(f"message {index}: content must be a string or a list of parts", item, field_name)
+        messages.append({"role": message["role"], "content": parts})
+    return messages
+
+
+def _part(part: Any, where: str, item: int, field_name: str) -> dict:
+    """An inline image (``{"type": "image", "image": url}``) is refused: images travel in the item's ``images``."""
+    if isinstance(part, dict) and set(part) <= {"type", "text"}:
+        if part.get("type") == "image" and part.get("text") is None:
+            return {"type": "image", "text": None}
+        if part.get("type") == "text" and isinstance(part.get("text"), str):
+            return {"type": "text", "text": part["text"]}
+    raise RequestError(
+        f"{where}: expected {{type: text, text: str}} or {{type: image}}, got {part!r:.80}", item, field_name
+    )
+
+
+def split_query(query: str, prompt: str | None, item: int) -> tuple[str, str]:
+    """/get_reward: (prompt, response) of a full text. With ``prompts``, the query must start with its prompt and the
+    rest is the response; without, the response is what follows the last ``<|im_start|>assistant\\n``."""
+    if prompt is not None:
+        if not query.startswith(prompt):
+            raise RequestError("the query does not start with its prompt", item, "prompts")
+        return prompt, query[len(prompt) :]
+    cut = query.rfind(ASSISTANT_HEADER)
+    if cut < 0:
+        raise RequestError(
+            "no `<|im_start|>assistant\\n` in the query: send the chat-templated text, or `prompts`", item, "query"
+        )
+    return query[: cut + len(ASSISTANT_HEADER)], query[cut + len(ASSISTANT_HEADER) :]
+
+
+def chat_text_to_messages(text: str, item: int, field_name: str) -> list[dict]:
+    """Qwen chat text (``<|im_start|>role\\n...<|im_end|>`` turns ending with the assistant header; an image is a
+    ``<|vision_start|><|image_pad|>...<|vision_end|>`` run) -> chat messages."""
+    body = text[: -len(ASSISTANT_HEADER)] if text.endswith(ASSISTANT_HEADER) else None
+    turns = list(TURN.finditer(body or ""))
+    if body is None or not turns or "".join(turn.group(0) for turn in turns).strip() != body.strip():
+        raise RequestError(
+            "cannot read the prompt as Qwen chat turns (<|im_start|>role\\n...<|im_end|>, then "
+            "<|im_start|>assistant\\n): send /score items instead",
+            item, field_name,
+        )  # fmt: skip
+    messages = []
+    for turn in turns:
+        pieces = VISION_PLACEHOLDER.split(turn.group(2))
+        parts = []
+        for index, piece in enumerate(pieces):
+            if index > 0:
+                parts.append({"type": "image", "text": None})
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        messages.append({"role": turn.group(1), "content": parts})
+    return messages
+
+
+class RequestParser:
+    """Request bodies -> rows for ``RewardScorer.score``, or a ``RequestError`` naming the item and the field.
+
+    Runs in Starlette's thread pool (many threads), so it has its own copy of the processor, used under a lock: a
+    Hugging Face fast tokenizer must not be used by two threads at once, and the model thread uses the scorer's."""
+
+    def __init__(self, scorer: RewardScorer, settings: ServerSettings):
+        self.encoder = PreferenceEncoder(copy.deepcopy(scorer.processor))
+        self.tokenizer_lock = threading.Lock()
+        self.images = ImageDecoder(settings.image_root, settings.max_pixels_per_image, settings.max_body_bytes)
+        self.settings, self.max_seq_length = settings, scorer.max_seq_length
+        self.can_normalize = scorer.reward_mean is not None and bool(scorer.reward_std)
+        tokenizer = self.encoder.tokenizer
+        end_tokens = "|".join(
+            map(re.escape, {self.encoder.end_of_turn, tokenizer.eos_token, tokenizer.pad_token} - {None})
+        )
+        # OpenRLHF's queries end with the end-of-turn token and padding; the encoder adds the end-of-turn itself.
+        self.trailing_end_tokens = re.compile(rf"(?:{end_tokens})(?:\s*(?:{end_tokens}))*\s*$")
+        # Chat text is read back into turns in Qwen's format only; in another family's, a prompt with its markers
+        # would be taken for a plain question and templated twice, so such a prompt is refused instead.
+        self.qwen_chat = self.encoder.end_of_turn == "<|im_end|>"
+        self.chat_markers = sorted(set(tokenizer.all_special_tokens) - {None, ""}, key=len, reverse=True)
+
+    def score_request(self, body: bytes) -> tuple[list[dict], bool]:
+        payload = _json_object(body, ("items", "normalize"))
+        items = self._list(payload, "items")
+        normalize = self._normalize(payload)
+        rows = []
+        for index, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise RequestError(f"expected an object {{prompt, images, response}}, got {kind_of(item)}", index)
+            unknown = [key for key in item if key not in ITEM_FIELDS]
+            if unknown:
+                raise RequestError(f"unknown field; expected: {', '.join(ITEM_FIELDS)}", index, unknown[0])
+            for name in ("prompt", "response"):
+                if name not in item:
+                    raise RequestError("missing", index, name)
+            rows.append(self._row(index, item["prompt"], item.get("images", []), item["response"]))
+        return rows, normalize
+
+    def get_reward_request(self, body: bytes) -> tuple[list[dict], bool]:
+        """OpenRLHF sends ``labels`` too; they are accepted and ignored (a reward model does not read them)."""
+        payload = _json_object(body, ("query", "prompts", "images", "labels", "normalize"))
+        queries = self._list(payload, "query")
+        prompts = self._parallel_list(payload, "prompts", len(queries))
+        images = self._parallel_list(payload, "images", len(queries))
+        normalize = self._normalize(payload)
+        rows = []
+        for index, query in enumerate(queries):
+            prompt = None if prompts is None else _text(prompts[index], index, "prompts")
+            prompt_text, response = split_query(_text(query, index, "query"), prompt, index)
+            response = self.trailing_end_tokens.sub("", response)
+            prompt_field = "query" if prompts is None else "prompts"
+            if self.qwen_chat and "<|im_start|>" in prompt_text:
+                prompt_value = self._chat_prompt(prompt_text, index, prompt_field)
+            elif not self.qwen_chat and any(marker in prompt_text for marker in self.chat_markers):
+                raise RequestError(
+                    "this checkpoint's chat format is not read back into turns (Qwen's is): send the plain question "
+                    "in `prompts`, or messages to /score",
+                    index, prompt_field,
+                )  # fmt: skip
+            else:
+                prompt_value = prompt_text  # a plain question
+            image_values = [] if images is None else images[index]
+            rows.append(self._row(index, prompt_value, image_values, response, prompt_field, "query"))
+        return rows, normalize
+
+    def _chat_prompt(self, prompt_text: str, item: int, field_name: str) -> list[dict]:
+        """Messages that the checkpoint's chat template renders back to exactly the text sent: the reward is then
+        computed on that text, and never on a silently different one (a missing system turn, another template)."""
+        messages = chat_text_to_messages(prompt_text, item, field_name)
+        with self.tokenizer_lock:
+            rendered = self.encoder.prompt_text(messages)
+        placeholder = "<|vision_start|><|image_pad|><|vision_end|>"
+        if rendered != VISION_PLACEHOLDER.sub(placeholder, prompt_text):
+            raise RequestError(
+                "the prompt differs from what the checkpoint's chat template renders for it (a missing system turn, "
+                f"another template?); the template gives: {rendered[:200]!r}",
+                item, field_name,
+            )  # fmt: skip
+        return messages
+
+    def _list(self, payload: dict, name: str) -> list:
+        if name not in payload:
+            raise RequestError("missing", field=name)
+        value = payload[name]
+        if not isinstance(value, list):
+            raise RequestError(f"expected a list, got {kind_of(value)}", field=name)
+        if not value:
+            raise RequestError("is empty: nothing to score", field=name)
+        if len(value) > self.settings.max_items:
+            raise RequestError(
+                f"{len(value)} entries, over --max_items={self.settings.max_items}: split the request", field=name
+            )
+        return value
+
+    def _parallel_list(self, payload: dict, name: str, length: int) -> list | None:
+        value = payload.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, list) or len(value) != length:
+            raise RequestError(f"expected a list of {length} entries, one per query", field=name)
+        return value
+
+    def _normalize(self, payload: dict) -> bool:
+        value = payload.get("normalize", self.settings.normalize)
+        if not isinstance(value, bool):
+            raise RequestError(f"expected true or false, got {kind_of(value)}", field="normalize")
+        if value and not self.can_normalize:
+            raise RequestError(NO_REWARD_STATS, field="normalize")
+        return value
+
+    def _row(
+        self, item: int, prompt: Any, images: Any, response: Any, prompt_field: str = "prompt",
+        response_field: str = "response",
+    ) -> dict:  # fmt: skip
+        if not isinstance(images, list):
+            raise RequestError(f"expected a list of images, got {kind_of(images)}", item, "images")
+        if len(images) > self.settings.max_images:
+            raise RequestError(f"{len(images)} images, over --max_images={self.settings.max_images}", item, "images")
+        response = _text(response, item, response_field)
+        messages = _messages(prompt, len(images), item, prompt_field)
+        places = sum(part["type"] == "image" for message in messages for part in message["content"])
+        if places != len(images):
+            raise RequestError(f"{len(images)} images but {places} image places in the prompt", item, "images")
+        decoded = [self.images.decode(value, item, f"images[{index}]") for index, value in enumerate(images)]
+        self._check_length(item, messages, decoded, response, prompt_field, response_field)
+        return {"prompt": messages, "images": decoded, "response": response}
+
+    def _check_length(
+        self, item: int, messages: list, images: list, response: str, prompt_field: str, response_field: str
+    ) -> None:
+        with self.tokenizer_lock:
+            try:
+                prompt_tokens = self.encoder.prompt_length(messages, images)
+            except ValueError as error:  # the image processor refuses some shapes (aspect ratio over 200)
+                raise RequestError(f"the image processor refuses an image: {error}", item, "images") from error
+            response_tokens = len(self.encoder.encode_response(response))
+        total = prompt_tokens + response_tokens
+        if self.max_seq_length is not None and total > self.max_seq_length:
+            raise RequestError(
+                f"{total} tokens (prompt {prompt_tokens} with visual tokens, response {response_tokens}), over "
+                f"max_seq_length={self.max_seq_length}: not scored (never truncated)",
+                item, prompt_field if prompt_tokens >= self.max_seq_length else response_field,
+            )  # fmt: skip

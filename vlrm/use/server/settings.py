@@ -1,0 +1,101 @@
+"""The server's settings and limits, and the one error shape every bad request gets (``RequestError``).
+
+``serve_rm.py`` makes one flag per ``ServerSettings`` field, with its help; ``RequestError`` becomes a JSON reply
+``{"error", "item", "field"}`` with its HTTP status (``vlrm.use.server.app``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+
+@dataclass
+class ServerSettings:
+    """What the app enforces and how it batches (``serve_rm.py`` makes one flag per field, with this help)."""
+
+    image_root: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory image paths are read from (relative to it, or absolute inside it; `..` and symlinks "
+            "are resolved and must stay inside). None: paths are refused, only data: URLs and base64 are accepted."
+        },
+    )
+    api_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "Required in `Authorization: Bearer KEY` or `X-API-Key: KEY` on /score, /get_reward and /info "
+            "(default: the VLRM_API_KEY environment variable, which keeps it out of `ps`; unset: no key)."
+        },
+    )
+    normalize: bool = field(
+        default=False,
+        metadata={
+            "help": "Return (reward - reward_mean) / reward_std by default (a request's `normalize` overrides it). "
+            "Needs both values in the checkpoint's config.json, else the server refuses to start."
+        },
+    )
+    max_batch_size: int = field(default=32, metadata={"help": "Most items merged into one forward pass."})
+    max_wait_ms: float = field(
+        default=10.0,
+        metadata={"help": "Longest wait after a request arrives for others to merge with it, in milliseconds."},
+    )
+    max_items: int = field(default=64, metadata={"help": "Most items (or queries) in one request."})
+    max_images: int = field(default=8, metadata={"help": "Most images in one item."})
+    max_pixels_per_image: int = field(
+        default=4096 * 4096,
+        metadata={"help": "Most pixels (width x height) of an image as sent, read from its header before decoding."},
+    )
+    max_body_bytes: int = field(
+        default=64 * 2**20, metadata={"help": "Largest request body in bytes, and largest image file read."}
+    )
+    max_pending_items: int = field(
+        default=1024, metadata={"help": "Most items queued or being scored; beyond it requests get 503 (retry)."}
+    )
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_items", "max_images", "max_pixels_per_image", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_pending_items < self.max_items:
+            raise ValueError(f"max_pending_items ({self.max_pending_items}) must be >= max_items ({self.max_items})")
+        if self.image_root is not None and not Path(self.image_root).is_dir():
+            raise ValueError(f"image_root is not a directory: {self.image_root}")
+
+
+class RequestError(Exception):
+    """A request the server will not score: the HTTP status, and the item and field at fault (None: the request)."""
+
+    def __init__(self, message: str, item: int | None = None, field: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.message, self.item, self.field, self.status = message, item, field, status
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": self.message, "item": self.item, "field": self.field}, status_code=self.status)
+
+
+NO_REWARD_STATS = (
+    "the checkpoint's config records no reward_mean/reward_std, so rewards cannot be normalised (only the final "
+    "model of a vlrm training run has them)"
+)
+
+
+def require_reward_stats(checkpoint_dir: str | Path) -> tuple[float, float]:
+    """The checkpoint's ``reward_mean`` and ``reward_std``, read from config.json (before any weight is loaded), or a
+    ValueError saying why normalisation cannot be offered."""
+    config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    mean, std = config.get("reward_mean"), config.get("reward_std")
+    if mean is None or not std:
+        raise ValueError(f"{checkpoint_dir}: {NO_REWARD_STATS}: serve without --normalize")
+    return float(mean), float(std)
+
+
+def kind_of(value: Any) -> str:
+    """A value's JSON kind for an error message: ``null``, ``str``, ``list``..."""
+    return "null" if value is None else type(value).__name__
