@@ -18,7 +18,8 @@ output_file `evaluation_results.csv`:
                                                  interval, num_ties, margin mean/std, num_pairs, num_overlong,
                                                  accuracy per category (accuracy/<category>) and their macro mean,
                                                  acc_plus (groups all right, MM-RLHF), reward mean/std (to normalise
-                                                 rewards in RL), step, wall_time_s (load + score), pairs_per_s
+                                                 rewards in RL), step, wall_time_s (load + score), load_s (loading the
+                                                 checkpoint: a LoRA run's base is loaded once), pairs_per_s
     evaluation_results/evaluation_results.json   the config, the same rows with per_category, bias diagnostics and
                                                  overlong_ids nested, and the errors
     evaluation_results/evaluation_results_pairs/<model>__<checkpoint>__<dataset>.csv
@@ -58,6 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import transformers
@@ -67,14 +69,23 @@ from transformers import HfArgumentParser
 
 from vlrm.data.benchmarks import REFERENCE_RESULTS
 from vlrm.data.prepare import load_preference_dataset
-from vlrm.errors import CheckpointError
+from vlrm.errors import CheckpointError, ConfigError
 from vlrm.layout.encoder import PreferenceEncoder, apply_pixel_limits
-from vlrm.metrics import bias_diagnostics, evaluate_pairs, irrelevant_metrics
+from vlrm.metrics import (
+    attribute_metrics,
+    bias_diagnostics,
+    evaluate_pairs,
+    irrelevant_metrics,
+    ranking_metrics,
+    ranking_pairs,
+)
 from vlrm.model.checkpoints import find_checkpoints, load_processor, weights_mtime
+from vlrm.model.loading import parse_device_map, parse_max_memory
 from vlrm.train.config import EvalConfig
 from vlrm.train.config_files import config_to_dict, load_config
 from vlrm.train.irrelevant import RowsWithIrrelevantPrompts
-from vlrm.use.scoring import RewardScorer
+from vlrm.train.process_group import exit_now, finish_process_group, import_deepspeed_before_the_process_group
+from vlrm.use.scoring import PairScores, RewardScorer
 
 logger = logging.getLogger("vlrm.eval")
 
@@ -90,7 +101,7 @@ RESULT_SETTINGS = (
 LEADING_COLUMNS = [
     "model", "checkpoint", "step", "dataset", "dataset_benchmark", "status", "error", "accuracy", "accuracy_ci_low",
     "accuracy_ci_high", "num_ties", "margin_mean", "margin_std", "num_pairs", "num_overlong", "acc_plus", "num_groups",
-    "reward_mean", "reward_std", "wall_time_s", "pairs_per_s", "macro_accuracy",
+    "reward_mean", "reward_std", "wall_time_s", "load_s", "pairs_per_s", "macro_accuracy",
 ]  # fmt: skip
 TRAILING_COLUMNS = [
     "model_dir", "checkpoint_path", "dataset_path", "max_eval_samples", *RESULT_SETTINGS, "weights_mtime",
@@ -99,8 +110,8 @@ TRAILING_COLUMNS = [
 JSON_ONLY = ("overlong_ids", "bias")  # lists: in the JSON, not the CSV
 TABLE_COLUMNS = [
     "model", "checkpoint", "step", "dataset", "status", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "num_ties",
-    "macro_accuracy", "acc_plus", "margin_mean", "irrelevant_accuracy", "reward_mean", "reward_std", "num_pairs",
-    "pairs_per_s", "error",
+    "macro_accuracy", "acc_plus", "top1_accuracy", "kendall_tau", "margin_mean", "irrelevant_accuracy", "reward_mean",
+    "reward_std", "num_pairs", "pairs_per_s", "error",
 ]  # fmt: skip
 
 
@@ -145,6 +156,9 @@ def results_frame(rows: list[dict]) -> pd.DataFrame:
         row = {key: value for key, value in row.items() if key not in JSON_ONLY}
         for category, values in (row.pop("per_category", None) or {}).items():
             row[f"accuracy/{category}"] = values["accuracy"]
+        for name, values in (row.pop("attributes", None) or {}).items():  # attribute heads on rated rows
+            for metric in ("pairwise_accuracy", "mae", "rmse"):
+                row[f"attribute/{name}/{metric}"] = values[metric]
         flat.append(row)
     frame = pd.DataFrame(flat)
     leading = [column for column in LEADING_COLUMNS if column in frame]
@@ -187,6 +201,10 @@ def write_plot(rows: list[dict], plot_path: Path, title: str) -> list[str]:
             low, high = [row["accuracy_ci_low"] for row in stepped], [row["accuracy_ci_high"] for row in stepped]
             axes.fill_between(steps, low, high, color=color, alpha=0.15, linewidth=0)
             labels.append(label)
+            if any(row.get("top1_accuracy") is not None for row in stepped):  # rows of N responses
+                top1 = [row.get("top1_accuracy") for row in stepped]
+                axes.plot(steps, top1, marker="s", linestyle="--", color=color, label=f"{label} (top-1 of N)")
+                labels.append(f"{label} (top-1 of N)")
         for row in line_rows:
             if row["step"] is None:
                 axes.axhline(row["accuracy"], color=color, linestyle="--", label=f"{label} ({row['checkpoint']})")
@@ -200,17 +218,20 @@ def write_plot(rows: list[dict], plot_path: Path, title: str) -> list[str]:
 
 
 @contextmanager
-def run_logging(log_path: Path):
+def run_logging(log_path: Path, main_process: bool = True):
     """The run's log on the console and in ``log_path`` for the length of one run, then the handlers are removed
-    (``main`` may run several times in one process, as the tests do)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    handlers = [logging.StreamHandler(), logging.FileHandler(log_path)]
+    (``main`` may run several times in one process, as the tests do). Under torchrun only rank 0 writes the log
+    file; the other ranks print their warnings and errors."""
+    handlers = [logging.StreamHandler()]
+    if main_process:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_path))
     root = logging.getLogger()
     previous_level, progress_bars = root.level, transformers.utils.logging.is_progress_bar_enabled()
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.INFO if main_process else logging.WARNING)
     transformers.utils.logging.set_verbosity_warning()
     transformers.utils.logging.disable_default_handler()
     transformers.utils.logging.enable_propagation()
@@ -236,6 +257,91 @@ def length_encoder(checkpoints: list, config: EvalConfig) -> PreferenceEncoder |
         apply_pixel_limits(processor, config.min_pixels, config.max_pixels)
         return PreferenceEncoder(processor)
     return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ranks: under torchrun each process scores a shard of every (checkpoint, dataset); rank 0 gathers and writes
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the sweep (one process: rank 0 of 1) and the GPUs it owns. Rank 0 plans the sweep,
+    prepares the data first, gathers every rank's scores and writes every output; the others score their shards."""
+
+    rank: int = 0
+    size: int = 1
+    gpus: tuple[int, ...] = ()
+    group: Any = None  # a gloo group for the Python objects the ranks exchange (beside NCCL's)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        return (self.rank, self.size) if self.size > 1 else None
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value``, on every rank."""
+        if self.size == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def gather(self, value: Any) -> list | None:
+        """Every rank's ``value`` in rank order, on rank 0 (None on the others)."""
+        if self.size == 1:
+            return [value]
+        gathered = [None] * self.size if self.main else None
+        torch.distributed.gather_object(value, gathered, dst=0, group=self.group)
+        return gathered
+
+    def all_gather(self, value: Any) -> list:
+        if self.size == 1:
+            return [value]
+        gathered = [None] * self.size
+        torch.distributed.all_gather_object(gathered, value, group=self.group)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            torch.distributed.barrier(group=self.group)
+
+
+def start_ranks(config: EvalConfig) -> Ranks:
+    """The process group when torchrun started this process (WORLD_SIZE > 1): NCCL on GPUs, gloo on the CPU. Rank
+    r owns GPUs ``r * gpus_per_process`` .. ``(r + 1) * gpus_per_process - 1`` of the visible ones."""
+    size, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    gpus: tuple[int, ...] = ()
+    if torch.cuda.is_available():
+        first = local_rank * config.gpus_per_process
+        gpus = tuple(range(first, first + config.gpus_per_process))
+        if gpus[-1] >= torch.cuda.device_count():
+            raise ConfigError(
+                f"rank {local_rank} needs GPUs {list(gpus)} (gpus_per_process={config.gpus_per_process}), but "
+                f"{torch.cuda.device_count()} are visible: start {torch.cuda.device_count() // config.gpus_per_process}"
+                " processes per node (./run_eval.sh does)"
+            )
+        torch.cuda.set_device(gpus[0])
+    if size == 1:
+        return Ranks(gpus=gpus)
+    import_deepspeed_before_the_process_group()  # or the group outlives destroy_process_group (see there)
+    torch.distributed.init_process_group("nccl" if gpus else "gloo")
+    group = torch.distributed.new_group(backend="gloo") if gpus else None
+    return Ranks(torch.distributed.get_rank(), size, gpus, group)
+
+
+def scorer_placement(config: EvalConfig, ranks: Ranks) -> dict[str, Any]:
+    """Where this rank's replica of each checkpoint goes: one device (its GPU, else the CPU), or with device_map
+    split over the GPUs it owns (all visible ones for a single process with gpus_per_process 1)."""
+    own = list(ranks.gpus) if ranks.gpus and (ranks.size > 1 or config.gpus_per_process > 1) else None
+    if config.device_map is None:
+        return {"device": f"cuda:{ranks.gpus[0]}" if ranks.gpus else "cpu"}
+    return {
+        "device_map": parse_device_map(config.device_map, own),
+        "max_memory": parse_max_memory(config.max_memory, own),
+    }
 
 
 @dataclass
@@ -310,11 +416,61 @@ def load_eval_set(config: EvalConfig, name: str, path: str, encoder: PreferenceE
     return EvalSet(name, path, dataset, rows, report, benchmark)
 
 
-def score_eval_set(scorer: RewardScorer, eval_set: EvalSet, config: EvalConfig, desc: str) -> tuple[dict, Any]:
-    """Every metric of one checkpoint on one dataset, and the per-pair scores (unscored over-long pairs are NaN)."""
-    started = time.perf_counter()
-    scores = scorer.score_pairs(eval_set.rows, config.eval_batch_size, desc=desc)
-    seconds = time.perf_counter() - started
+def ranking_set_metrics(scores: PairScores, eval_set: EvalSet, config: EvalConfig) -> tuple[dict, Any]:
+    """The metrics of a dataset with rows of N responses: every pair metric over the rows' binarised pairs (each
+    strict pair one pair; ties make none), Acc+ over each row's pairs, and the ranking metrics
+    (``vlrm.metrics.ranking_metrics``); the per-response scores."""
+    columns = eval_set.dataset.select_columns(
+        ["id", "category", "group", "ranks", "tie", "response_lengths", "chosen_length", "rejected_length", "ratings",
+         "rating_names"]
+    ).to_dict()  # fmt: skip
+    scored = np.flatnonzero(scores.scored)
+    row_rewards, row_ranks, row_lengths = [], [], []
+    for index in scored:
+        ranks = columns["ranks"][index]
+        pair = ranks is None
+        row_rewards.append([scores.chosen[index], scores.rejected[index]] if pair else scores.responses[index])
+        row_ranks.append(([0.0, 0.0] if columns["tie"][index] else [0.0, 1.0]) if pair else ranks)
+        row_lengths.append([columns["chosen_length"][index], columns["rejected_length"][index]] if pair
+                           else columns["response_lengths"][index])  # fmt: skip
+    rows, better, worse = ranking_pairs(row_ranks)
+    if not len(rows):
+        raise ValueError(f"{eval_set.name}: no row has two responses of different ranks")
+    chosen = np.array([row_rewards[r][i] for r, i in zip(rows, better, strict=True)])
+    rejected = np.array([row_rewards[r][i] for r, i in zip(rows, worse, strict=True)])
+    ids = [columns["id"][scored[r]] for r in rows]
+    groups = [columns["group"][scored[r]] or ids[k] for k, r in enumerate(rows)]  # Acc+: a row's pairs all right
+    metrics = evaluate_pairs(chosen, rejected, [columns["category"][scored[r]] for r in rows], seed=config.seed,
+                             groups=groups)  # fmt: skip
+    metrics.update(ranking_metrics(row_rewards, row_ranks))
+    if scores.attributes is not None:
+        rated = [index for index in scored if columns["rating_names"][index]]
+        if rated:  # each attribute head against the rating of the same name (NaN where the row does not rate it)
+            names = list(scores.attribute_names)
+            ratings = []
+            for index in rated:
+                given = columns["rating_names"][index]
+                ratings.append(np.array([[row[given.index(name)] if name in given else np.nan for name in names]
+                                         for row in columns["ratings"][index]], dtype=np.float64))  # fmt: skip
+            metrics["attributes"] = attribute_metrics([scores.attributes[index] for index in rated], ratings, names)
+    metrics["bias"] = bias_diagnostics(
+        chosen, rejected, [row_lengths[r][i] for r, i in zip(rows, better, strict=True)],
+        [row_lengths[r][i] for r, i in zip(rows, worse, strict=True)],
+    )  # fmt: skip
+    per_response = pd.DataFrame(
+        [
+            {"id": columns["id"][index], "category": columns["category"][index], "response": position,
+             "rank": rank, "score": float(reward)}
+            for index, rewards, ranks in zip(scored, row_rewards, row_ranks, strict=True)
+            for position, (reward, rank) in enumerate(zip(rewards, ranks, strict=True))
+        ]
+    )  # fmt: skip
+    return metrics, per_response
+
+
+def eval_set_metrics(scores: PairScores, eval_set: EvalSet, config: EvalConfig, seconds: float) -> tuple[dict, Any]:
+    """Every metric of one checkpoint on one dataset, and the per-pair scores (unscored over-long pairs are NaN): one
+    row per pair, or, for a dataset with rows of N responses, one per response (``ranking_set_metrics``)."""
     scored = scores.scored
     if not scored.any():
         raise ValueError(f"every pair of {eval_set.name} is longer than max_seq_length={config.max_seq_length}")
@@ -325,29 +481,57 @@ def score_eval_set(scorer: RewardScorer, eval_set: EvalSet, config: EvalConfig, 
         name: [value for value, keep in zip(values, scored, strict=True) if keep] for name, values in columns.items()
     }
     chosen, rejected = scores.chosen[scored], scores.rejected[scored]
-    metrics = evaluate_pairs(chosen, rejected, kept["category"], seed=config.seed, groups=kept["group"])
-    if scores.irrelevant is not None:
+    if scores.responses is not None:
+        metrics, pair_scores = ranking_set_metrics(scores, eval_set, config)
+    else:
+        metrics = evaluate_pairs(chosen, rejected, kept["category"], seed=config.seed, groups=kept["group"])
+        metrics["bias"] = bias_diagnostics(
+            chosen, rejected, kept["chosen_length"], kept["rejected_length"], kept["preferred_position"]
+        )
+        pair_scores = pd.DataFrame(
+            {"id": columns["id"], "category": columns["category"], "chosen_score": scores.chosen,
+             "rejected_score": scores.rejected}
+        )  # fmt: skip
+    if scores.irrelevant is not None:  # the row's best response under another prompt
         metrics.update(irrelevant_metrics(chosen, scores.irrelevant[scored]))
-    metrics["bias"] = bias_diagnostics(
-        chosen, rejected, kept["chosen_length"], kept["rejected_length"], kept["preferred_position"]
-    )
     overlong = eval_set.report.overlong + [f"{columns['id'][i]} ({tokens} tokens)" for i, tokens in scores.overlong]
     metrics.update(
         num_overlong=eval_set.report.num_overlong + len(scores.overlong),
         overlong_ids=overlong[:20],
         pairs_per_s=metrics["num_pairs"] / seconds,
     )
-    pair_scores = pd.DataFrame(
-        {"id": columns["id"], "category": columns["category"], "chosen_score": scores.chosen,
-         "rejected_score": scores.rejected}
-    )  # fmt: skip
     return metrics, pair_scores
 
 
+def score_on_every_rank(scorer: RewardScorer | None, eval_set: EvalSet, config: EvalConfig, ranks: Ranks,
+                        desc: str) -> tuple[PairScores | None, str | None, float]:  # fmt: skip
+    """(scores of the whole set on rank 0, the first rank's error or None, seconds). Every rank scores its shard of
+    whole batches (``score_pairs(shard=...)``: the batches of one process, so the same numbers) and rank 0 combines
+    them; every rank takes part even after a failure, so none waits forever for another."""
+    started, part, error = time.perf_counter(), None, None
+    try:
+        part = scorer.score_pairs(eval_set.rows, config.eval_batch_size, desc=desc, shard=ranks.shard,
+                                  progress=ranks.main)  # fmt: skip
+    except Exception as failure:  # NaN weights, OOM: this dataset's row says so
+        logger.error("rank %d: %s: %s", ranks.rank, desc, failure, exc_info=True)
+        error = f"{type(failure).__name__}: {failure}"
+    parts = ranks.gather((part, error))
+    seconds = time.perf_counter() - started
+    if not ranks.main:
+        return None, None, seconds
+    errors = [error for _, error in parts if error is not None]
+    if errors:
+        return None, errors[0], seconds
+    return PairScores.combine([part for part, _ in parts]), None, seconds
+
+
 def evaluate_checkpoint(config: EvalConfig, model_dir: str, checkpoint: Any, eval_sets: list[EvalSet],
-                        pairs_dir: Path) -> list[dict]:  # fmt: skip
-    """Load one checkpoint once and score it on each of ``eval_sets``: one result row per dataset. A checkpoint that
-    cannot be loaded, or a dataset it cannot score, becomes an error row; the sweep goes on."""
+                        pairs_dir: Path, ranks: Ranks, previous: RewardScorer | None = None,
+                        ) -> tuple[list[dict], RewardScorer | None]:  # fmt: skip
+    """Load one checkpoint once and score it on each of ``eval_sets``: one result row per dataset (on rank 0), and
+    the scorer, whose base model the next checkpoint may reuse (a sweep over a LoRA run swaps only the adapters and
+    the head: ``RewardScorer.from_pretrained(reuse=...)``). A checkpoint that cannot be loaded, on any rank, or a
+    dataset it cannot score, becomes an error row; the sweep goes on."""
     model_name = Path(model_dir).as_posix()
     base = {
         "model": model_name, "checkpoint": checkpoint.name, "step": checkpoint.step,
@@ -355,27 +539,41 @@ def evaluate_checkpoint(config: EvalConfig, model_dir: str, checkpoint: Any, eva
         "max_eval_samples": config.max_eval_samples, **{name: getattr(config, name) for name in RESULT_SETTINGS},
         "weights_mtime": weights_mtime(checkpoint.path),
     }  # fmt: skip
-    started, rows, scorer = time.perf_counter(), [], None
+    started, rows, scorer, error = time.perf_counter(), [], None, None
     try:
         scorer = RewardScorer.from_pretrained(
             checkpoint.path, base_model_path=config.base_model_path, dtype=config.dtype,
             attn_implementation=config.attn_implementation, min_pixels=config.min_pixels,
             max_pixels=config.max_pixels, packing=config.packing, max_seq_length=config.max_seq_length,
+            reuse=previous, **scorer_placement(config, ranks),
         )  # fmt: skip
-    except Exception as error:  # a corrupt or incomplete checkpoint must not end the sweep
-        logger.error("%s/%s: %s", model_name, checkpoint.name, error, exc_info=not isinstance(error, CheckpointError))
-        failure = {"status": "error", "error": f"{type(error).__name__}: {error}"}
-        return [
+    except Exception as failure:  # a corrupt or incomplete checkpoint must not end the sweep
+        logger.error(
+            "%s/%s: %s", model_name, checkpoint.name, failure, exc_info=not isinstance(failure, CheckpointError)
+        )
+        error = f"{type(failure).__name__}: {failure}"
+    load_seconds = time.perf_counter() - started
+    errors = [error for error in ranks.all_gather(error) if error is not None]
+    if errors:  # on any rank: every rank skips the checkpoint, so none waits for the others' scores
+        failure = {"status": "error", "error": errors[0]}
+        rows = [
             base | failure | {"dataset": e.name, "dataset_path": e.path, "dataset_benchmark": e.benchmark}
             for e in eval_sets
         ]
+        return (rows if ranks.main else []), None
     for eval_set in eval_sets:
         row = base | {"dataset": eval_set.name, "dataset_path": eval_set.path, "dataset_benchmark": eval_set.benchmark}
+        desc = f"{checkpoint.name} {eval_set.name}"
+        scores, error, seconds = score_on_every_rank(scorer, eval_set, config, ranks, desc)
+        if not ranks.main:
+            continue
         try:
-            metrics, pair_scores = score_eval_set(scorer, eval_set, config, f"{checkpoint.name} {eval_set.name}")
-        except Exception as error:  # NaN weights, OOM: this dataset's row says so
-            logger.error("%s/%s on %s: %s", model_name, checkpoint.name, eval_set.name, error, exc_info=True)
-            row.update(status="error", error=f"{type(error).__name__}: {error}")
+            if error is not None:
+                raise RuntimeError(error)
+            metrics, pair_scores = eval_set_metrics(scores, eval_set, config, seconds)
+        except Exception as failure:
+            logger.error("%s/%s on %s: %s", model_name, checkpoint.name, eval_set.name, failure)
+            row.update(status="error", error=error or f"{type(failure).__name__}: {failure}")
         else:
             safe_model = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_")
             tag = eval_set.name + (f"-n{config.max_eval_samples}" if config.max_eval_samples else "")
@@ -389,12 +587,12 @@ def evaluate_checkpoint(config: EvalConfig, model_dir: str, checkpoint: Any, eva
                 _number(metrics["acc_plus"]), metrics["num_pairs"], metrics["pairs_per_s"],
             )  # fmt: skip
         rows.append(row)
-    del scorer
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     for row in rows:
-        row.update(wall_time_s=time.perf_counter() - started, evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    return rows
+        row.update(
+            wall_time_s=time.perf_counter() - started, load_s=load_seconds,
+            evaluated_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        )  # fmt: skip
+    return rows, scorer
 
 
 def _number(value: float | None) -> str:
@@ -441,22 +639,23 @@ def reference_lines(rows: list[dict], eval_sets: list[EvalSet]) -> list[str]:
     return lines
 
 
-def sweep(config: EvalConfig, config_path: str, log_path: Path) -> int:
+def sweep(config: EvalConfig, config_path: str, log_path: Path, ranks: Ranks = Ranks()) -> int:
     """The whole evaluation, top to bottom; returns the exit code (1 when a checkpoint of this sweep failed)."""
     logger.info("config %s: %s", config_path, config_to_dict(config))
     logger.info(
-        "device: %s (CUDA_VISIBLE_DEVICES=%s)",
+        "device: %s (CUDA_VISIBLE_DEVICES=%s); %d process%s%s",
         torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
-    )
+        os.environ.get("CUDA_VISIBLE_DEVICES", "unset"), ranks.size, "es" if ranks.size > 1 else "",
+        f", each {config.gpus_per_process} GPUs with device_map {config.device_map}" if config.device_map else "",
+    )  # fmt: skip
     csv_path = Path(config.results_dir) / config.output_file
     json_path, plot_path = csv_path.with_suffix(".json"), csv_path.with_suffix(".png")
     pairs_dir = csv_path.with_name(f"{csv_path.stem}_pairs")
 
-    # Plan: every (checkpoint, dataset) of the sweep, minus what the results already hold.
+    # Plan (rank 0, then shared): every (checkpoint, dataset) of the sweep, minus what the results already hold.
     entries = dataset_entries(config)
-    results = read_results(json_path)
-    sweep_keys, todo = plan(config, entries, results)
+    results = read_results(json_path) if ranks.main else []
+    sweep_keys, todo = ranks.broadcast(plan(config, entries, results) if ranks.main else None)
     if not sweep_keys:
         logger.error("nothing to evaluate in %s", ", ".join(config.model_dirs))
         return 1
@@ -466,17 +665,32 @@ def sweep(config: EvalConfig, config_path: str, log_path: Path) -> int:
         len(sweep_keys) - sum(map(len, todo.values())), json_path,
     )  # fmt: skip
 
-    # Data: each needed dataset prepared once (token lengths with the first loadable checkpoint's processor).
+    # Data: each needed dataset prepared once (token lengths with the first loadable checkpoint's processor), by
+    # rank 0 first; the other ranks then load the same cache entry.
     needed = {name for names in todo.values() for name in names}
     encoder = length_encoder([checkpoint for _, checkpoint in todo], config) if todo else None
+    if not ranks.main:
+        ranks.barrier()
     eval_sets = {name: load_eval_set(config, name, path, encoder) for name, path in entries if name in needed}
+    if ranks.main:
+        ranks.barrier()
 
-    # Score: each checkpoint loaded once for all its datasets; every output rewritten after every checkpoint.
-    for (model_dir, checkpoint), names in tqdm(todo.items(), desc="checkpoints", unit="ckpt", disable=not todo):
-        rows = evaluate_checkpoint(config, model_dir, checkpoint, [eval_sets[name] for name in names], pairs_dir)
-        keys = {result_key(row) for row in rows}
-        results = [result for result in results if result_key(result) not in keys] + rows
-        write_results(results, config, csv_path, json_path)
+    # Score: each checkpoint loaded once for all its datasets (a LoRA run's base once for all its checkpoints);
+    # every output rewritten after every checkpoint.
+    scorer = None
+    for (model_dir, checkpoint), names in tqdm(
+        todo.items(), desc="checkpoints", unit="ckpt", disable=not todo or not ranks.main
+    ):
+        rows, scorer = evaluate_checkpoint(
+            config, model_dir, checkpoint, [eval_sets[name] for name in names], pairs_dir, ranks, scorer
+        )
+        if ranks.main:
+            keys = {result_key(row) for row in rows}
+            results = [result for result in results if result_key(result) not in keys] + rows
+            write_results(results, config, csv_path, json_path)
+    del scorer
+    if not ranks.main:
+        return ranks.broadcast(None)
 
     # Report: the table, the published numbers beside ours, the plot.
     in_sweep = set(sweep_keys)
@@ -501,7 +715,7 @@ def sweep(config: EvalConfig, config_path: str, log_path: Path) -> int:
     logger.info(
         "results: %s, %s, %s; per-pair scores in %s/; log: %s", csv_path, json_path, plot_path, pairs_dir, log_path
     )
-    return 1 if failed else 0
+    return ranks.broadcast(1 if failed else 0)
 
 
 def main(argv: list[str]) -> int:
@@ -510,14 +724,22 @@ def main(argv: list[str]) -> int:
         print(__doc__ + "\nConfig keys:\n" + HfArgumentParser(EvalConfig).format_help())
         return 0 if argv else 2
     config = load_config(EvalConfig, argv[0], argv[1:])
+    ranks = start_ranks(config)
     log_path = Path(config.log_dir) / f"eval_{time.strftime('%Y%m%d_%H%M%S')}.log"
-    with run_logging(log_path):
+    code = 1
+    with run_logging(log_path, ranks.main):
         try:
-            return sweep(config, argv[0], log_path)
+            code = sweep(config, argv[0], log_path, ranks)
+            return code
         except Exception as error:  # the run's log says why it stopped, not only stderr
             logger.error("the evaluation stopped: %s: %s", type(error).__name__, error)
             logger.debug("traceback:\n%s", traceback.format_exc())
             raise
+        finally:
+            # The process group freed now, its threads joined, not in the interpreter's teardown; if something still
+            # holds it, the process ends here (vlrm.train.process_group).
+            if finish_process_group():
+                exit_now(code)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Start it (binds 127.0.0.1:8000 unless --host/--port say otherwise; `python serve
     python serve_rm.py outputs/tiny_demo --port 8001 --normalize                      # (r - mean) / std by default
     VLRM_API_KEY=secret python serve_rm.py outputs/run --image_root /data/images      # key required, paths allowed
     python serve_rm.py outputs/run --device cuda --dtype bfloat16 --attn_implementation flash_attention_2
+    python serve_rm.py outputs/run72b --dtype bfloat16 --device_map auto --max_memory 75GiB   # over every GPU
 
 Call it:
     curl -s localhost:8000/health                                                     # {"status": "ok"}
@@ -32,6 +33,7 @@ import torch
 import uvicorn
 
 from vlrm.errors import CheckpointError
+from vlrm.model.loading import parse_device_map, parse_max_memory
 from vlrm.use.scoring import DEFAULT_MAX_SEQ_LENGTH, RewardScorer
 from vlrm.use.server import ServerSettings, create_app, require_reward_stats
 
@@ -52,6 +54,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     parser.add_argument("--attn_implementation", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa")
     parser.add_argument("--device", default=None, help="Default: cuda when visible, else cpu.")
+    parser.add_argument(
+        "--device_map", default=None,
+        help="Split the model over several GPUs (a model larger than one): auto, balanced, sequential, or a JSON "
+        "object {module: device}. Default: the whole model on --device.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max_memory", default=None,
+        help='With --device_map: memory per GPU ("70GiB") or a JSON object ({"0": "70GiB", "cpu": "100GiB"}).',
+    )  # fmt: skip
     parser.add_argument("--min_pixels", type=int, default=None, help="Smallest image area after resizing.")
     parser.add_argument("--max_pixels", type=int, default=None, help="Largest image area after resizing.")
     parser.add_argument(
@@ -83,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         if settings.normalize:
             require_reward_stats(args.checkpoint)
+        device_map, max_memory = parse_device_map(args.device_map), parse_max_memory(args.max_memory)
+        if max_memory is not None and device_map is None:
+            raise ValueError("--max_memory bounds a --device_map: set --device_map auto (or balanced) too")
     except (ValueError, OSError) as error:
         print(f"serve_rm.py: error: {error}", file=sys.stderr)
         return 2
@@ -95,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         scorer = RewardScorer.from_pretrained(
             args.checkpoint, base_model_path=args.base_model_path, dtype=args.dtype,
             attn_implementation=args.attn_implementation, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-            device=args.device, max_seq_length=args.max_seq_length,
+            device=args.device, max_seq_length=args.max_seq_length, device_map=device_map, max_memory=max_memory,
         )  # fmt: skip
     except CheckpointError as error:
         print(f"serve_rm.py: error: {error}", file=sys.stderr)

@@ -25,21 +25,24 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 from transformers import AutoConfig, AutoProcessor, set_seed
 
-from vlrm.data.prepare import pair_lengths, peak_memory_gb, prepare_training_data
+from vlrm.data.prepare import branch_lengths, contiguous_sample, peak_memory_gb, prepare_training_data
 from vlrm.layout.attention import enable_packed_attention
 from vlrm.layout.encoder import PreferenceEncoder, apply_pixel_limits
-from vlrm.layout.packed import make_collator, pair_tokens
+from vlrm.layout.packed import make_collator, row_tokens
+from vlrm.model.checkpoints import is_lora_checkpoint
 from vlrm.model.families import family_of
+from vlrm.model.heads import configure_head
 from vlrm.model.lora import apply_lora, count_parameters, lora_summary
 from vlrm.model.reward_model import VLRewardModel
 from vlrm.train.config import TrainConfig
 from vlrm.train.config_files import config_to_dict, load_config
 from vlrm.train.irrelevant import EpochCallback, IrrelevantPairSampler, IrrelevantQueryCollator, with_row_index
+from vlrm.train.objectives import LabelCounts, check_objective
+from vlrm.train.process_group import exit_now, finish_process_group
 from vlrm.train.trainer import LogFileCallback, VLRewardTrainer
 
 logger = logging.getLogger("vlrm")
@@ -104,10 +107,21 @@ logger.info(
     "rank %d: data ready in %.2f s (%d training pairs), peak memory %.2f GB",
     config.process_index, data_seconds, len(train_dataset), peak_memory_gb(),
 )  # fmt: skip
+label_counts = LabelCounts.of(train_dataset)
+check_objective(config, label_counts)  # e.g. mse without scores stops here, before any weight is loaded
+if label_counts.rankings or label_counts.ties:
+    logger.info(
+        "labels: %d rows, %d rankings of N responses, %d with ties, %d scored, %d rated (%s); loss_type %s",
+        label_counts.rows, label_counts.rankings, label_counts.ties, label_counts.scored, label_counts.rated,
+        ", ".join(sorted(label_counts.rating_names)) or "no attributes", config.loss_type,
+    )  # fmt: skip
 if config.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
-    # transformers' length-aware samplers read each pair's size from this column: its tokens in the layout used.
+    # transformers' length-aware samplers read each row's size from this column: its tokens in the layout used.
     num_irrelevant = config.num_irrelevant_pairs if config.use_irrelevant_queries else 0
-    sizes = [pair_tokens(length, num_irrelevant, config.packing) for length in pair_lengths(train_dataset)]
+    sizes = [
+        row_tokens(prompt, responses, best, num_irrelevant, config.packing)
+        for prompt, responses, best in branch_lengths(train_dataset)
+    ]
     train_dataset = train_dataset.add_column(config.length_column_name, sizes)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,8 +131,14 @@ if config.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
 dtype = torch.float32
 if config.deepspeed:
     dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
+# The head asked for (score_head, reward_pooling, reward_attributes, ...) goes into the model's config before the model
+# is built, and is saved with every checkpoint (vlrm.model.heads); a vlrm reward model to go on training must already
+# have that head. A LoRA checkpoint loads with its own config, whose head has just been checked.
+model_config = AutoConfig.from_pretrained(config.model_name_or_path)
+configure_head(model_config, config, config.model_name_or_path)
+own_config = {} if is_lora_checkpoint(config.model_name_or_path) else {"config": model_config}
 model = VLRewardModel.from_pretrained(
-    config.model_name_or_path, attn_implementation=config.attn_implementation, dtype=dtype
+    config.model_name_or_path, attn_implementation=config.attn_implementation, dtype=dtype, **own_config
 )
 model.config.pad_token_id = encoder.pad_token_id
 if config.freeze_vit:
@@ -126,7 +146,7 @@ if config.freeze_vit:
 if config.packing:
     enable_packed_attention(model)  # language-model attention for the packed layout; the padded layout still works
 if config.use_lora:
-    # peft adapters (vlrm.model.lora): the backbone frozen, the adapters and the whole score head trained and saved.
+    # peft adapters (vlrm.model.lora): the backbone frozen, the adapters and the whole head trained and saved.
     model = apply_lora(model, config)
 trainable, total = count_parameters(model)  # ZeRO-3 placeholders counted at their full size
 logger.info(
@@ -172,25 +192,46 @@ trainer = VLRewardTrainer(
 trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
 if config.reward_stats_samples:
     # The final model's reward scale, saved in its config: RL code normalises with it (vlrm.use.rewards, serve_rm.py).
-    count = min(config.reward_stats_samples, len(train_dataset))
-    sample = np.random.default_rng(config.seed).choice(len(train_dataset), count, replace=False)
-    mean, std, responses = trainer.reward_statistics(
-        train_dataset.select(np.sort(sample)), make_collator(encoder, config.packing)
-    )
-    model.config.reward_mean, model.config.reward_std = mean, std
+    # Drawn in contiguous runs: scattered rows of a memory-mapped set would map most of its file (contiguous_sample).
+    sample = contiguous_sample(len(train_dataset), config.reward_stats_samples, config.seed)
+    count = len(sample)
+    statistics = trainer.reward_statistics(train_dataset.select(sample), make_collator(encoder, config.packing))
+    model.config.reward_mean, model.config.reward_std = statistics.mean, statistics.std
+    per_attribute = ""
+    if statistics.attribute_mean is not None:  # each attribute's own, to normalise it alone (vlrm.use.scoring)
+        model.config.reward_attribute_mean = statistics.attribute_mean
+        model.config.reward_attribute_std = statistics.attribute_std
+        named = zip(config.reward_attributes, statistics.attribute_mean, statistics.attribute_std, strict=True)
+        per_attribute = "; " + ", ".join(f"{name} mean {mean:.4f}, std {std:.4f}" for name, mean, std in named)
     model.config.reward_stats_source = (
-        f"training set: {count} pairs ({responses} responses) drawn with seed {config.seed}"
+        f"training set: {count} pairs ({statistics.count} responses) drawn with seed {config.seed}"
     )
-    logger.info("final model's rewards on %s: mean %.4f, std %.4f", model.config.reward_stats_source, mean, std)
+    logger.info(
+        "final model's rewards on %s: mean %.4f, std %.4f%s", model.config.reward_stats_source, statistics.mean,
+        statistics.std, per_attribute,
+    )  # fmt: skip
 trainer.save_model(config.output_dir)
 trainer.save_state()  # trainer_state.json: the final model's step, for eval_rm.py
 logger.info("final model saved to %s", config.output_dir)
 
 if eval_dataset is not None:
     metrics = trainer.evaluate()
-    logger.info("held-out preference accuracy: %.4f (%d pairs)", metrics["eval_accuracy"], len(eval_dataset))
+    trainer.save_metrics("eval", metrics)  # eval_results.json in output_dir
+    if "eval_top1_accuracy" in metrics:  # rows of N responses (or ties): accuracy is over every strict pair
+        logger.info(
+            "held-out pairwise accuracy %.4f, top-1 accuracy %.4f, Kendall tau %s (%d rows)", metrics["eval_accuracy"],
+            metrics["eval_top1_accuracy"], f"{metrics['eval_kendall_tau']:.4f}" if "eval_kendall_tau" in metrics
+            else "undefined", len(eval_dataset),
+        )  # fmt: skip
+    else:
+        logger.info("held-out preference accuracy: %.4f (%d pairs)", metrics["eval_accuracy"], len(eval_dataset))
 logger.info(
     "rank %d: peak memory %.2f GB at the end; log written to %s", config.process_index, peak_memory_gb(), log_path
 )
+# An orderly exit: the process group freed and its threads joined now, not in the interpreter's teardown, where they
+# now and then abort a finished rank; nothing may hold it then, and the trainer and the model do (process_group).
 if torch.distributed.is_initialized():
-    torch.distributed.destroy_process_group()  # an orderly exit: no communication thread left to abort the process
+    trainer.accelerator.free_memory()
+    del trainer, model
+    if finish_process_group():  # still held (ZeRO-3): end without the teardown that would run its destructor
+        exit_now(0)

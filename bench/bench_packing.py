@@ -46,8 +46,13 @@ REWARD_TOLERANCE = {"float32": 1e-3}  # max |packed - padded| reward; half preci
 # (vocabulary: the tiny tokenizer's ~400 tokens, so no preset carries the real 152k-token embedding; rope_theta;
 # patch and merge sizes; special token ids) comes from vlrm.tiny.qwen's config of the family. "3b": the ~3-4B class.
 
-# Qwen2.5-VL-3B-Instruct's shapes (random weights).
+# Qwen2.5-VL-3B-Instruct's shapes (random weights); "tiny": the test suite's tiny model (bench/gpu_check.py --smoke).
 PRESETS = {
+    "tiny": {
+        "text": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                 "intermediate_size": 128, "mrope_section": [2, 3, 3]},
+        "vision": {"depth": 2, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "fullatt_block_indexes": [1]},
+    },
     "mid": {
         "text": {"hidden_size": 384, "num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2,
                  "intermediate_size": 1024, "mrope_section": [8, 12, 12]},

@@ -4,6 +4,7 @@
     python bench/bench_serve.py --completions_per_request 8     # each request a whole group
     python bench/bench_serve.py --groups 16 --concurrency 1,4,16 --max_wait_ms 20
     python bench/bench_serve.py --threads 1                     # on a shared machine: less thread contention
+    python bench/bench_serve.py --load 1                        # with one CPU-bound process running meanwhile
 
 Workload: the mid-size random Qwen2.5-VL of bench_packing.py, saved as a reward checkpoint; GRPO-like groups, each
 one image (about 1,000 visual tokens, sent as base64 PNG) and a 40-token question with 8 completions of 64-256
@@ -19,6 +20,9 @@ Then, with the server stopped, the same groups scored in this process by RewardS
 (packing=False), the two timed group by group in turn (interleaved: on a shared machine both see the same load).
 Everything is bounded: a fixed number of requests, a per-request timeout and a deadline for the load (--time_limit_s)
 after which no new request is sent. Prints a table, then one JSON line.
+
+``--load N`` starts N CPU-bound processes (a busy loop each, one core's worth) before the server and stops them after
+group scoring: the figures of a machine that another job shares. Each stops by itself after the run's time bound too.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--time_limit_s", type=float, default=240.0, help="deadline for the load; then no new request")
     parser.add_argument("--request_timeout_s", type=float, default=120.0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads, of the server and of this process")
+    parser.add_argument("--load", type=int, default=0, help="CPU-bound busy-loop processes running meanwhile")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.attn, args.device, args.dtype = "sdpa", "cpu", "float32"  # what bench_packing's builders read
@@ -156,6 +161,12 @@ def start_server(args, checkpoint: Path, log_file) -> tuple[subprocess.Popen, in
             time.sleep(0.25)
     process.kill()
     raise SystemExit("serve_rm.py did not start; its log is above")
+
+
+def start_cpu_load(count: int, seconds: float) -> list[subprocess.Popen]:
+    """``count`` processes that each keep one core busy for at most ``seconds`` (stopped earlier by the caller)."""
+    code = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass"
+    return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
 
 
 def run_load(port: int, bodies: list[bytes], concurrency: int, timeout: float, deadline: float) -> dict:
@@ -323,23 +334,31 @@ def main(argv=None) -> None:
         tokenizer = AutoProcessor.from_pretrained(checkpoint).tokenizer
         groups = build_groups(args, tokenizer, max(args.groups, args.score_groups + 1))
         log_path = Path(scratch) / "server.log"
-        with log_path.open("w") as log_file:
-            process, port = start_server(args, checkpoint, log_file)
+        # The load's own bound: the server's start, the levels' deadline plus one request, and group scoring.
+        cpu_load = start_cpu_load(args.load, 180 + args.time_limit_s + args.request_timeout_s + 600)
         try:
-            levels = measure_levels(args, port, groups[: args.groups], started + args.time_limit_s)
-        finally:
-            process.terminate()
+            with log_path.open("w") as log_file:
+                process, port = start_server(args, checkpoint, log_file)
             try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        if any(level["errors"] or level["lost"] for level in levels):
-            sys.stderr.write(log_path.read_text()[-4000:])
-        scoring = group_scoring(args, checkpoint, groups)
+                levels = measure_levels(args, port, groups[: args.groups], started + args.time_limit_s)
+            finally:
+                process.terminate()
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+            if any(level["errors"] or level["lost"] for level in levels):
+                sys.stderr.write(log_path.read_text()[-4000:])
+            scoring = group_scoring(args, checkpoint, groups)
+        finally:
+            for busy in cpu_load:
+                busy.kill()
+                busy.wait()
     load_after = os.getloadavg()[0]
     print_tables(args, levels, scoring)
     print(
-        f"1-minute load average: {load_before:.2f} at the start, {load_after:.2f} at the end ({os.cpu_count()} CPUs)"
+        f"1-minute load average: {load_before:.2f} at the start, {load_after:.2f} at the end ({os.cpu_count()} CPUs); "
+        f"{args.load} CPU-bound process(es) started by the benchmark"
     )
     config = {key: value for key, value in vars(args).items() if key not in ("attn", "device", "dtype")}
     summary = {"config": config, "server": levels, "group_scoring": scoring,

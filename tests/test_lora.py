@@ -287,7 +287,7 @@ def test_merged_export_is_a_full_checkpoint_with_the_adapter_s_rewards(lora_run,
     torch.testing.assert_close(rewards(merged.model, eval_batches), adapter_rewards, rtol=0, atol=1e-5)
     # The merged checkpoint is an ordinary one: the vLLM export takes it; the adapter dir itself is refused.
     vllm_dir = export.export_for_vllm(merged_dir, tmp_path / "vllm")
-    assert "score.weight" in export.weight_names(vllm_dir)
+    assert "language_model.score.weight" in export.weight_names(vllm_dir)  # where vLLM's Qwen2.5-VL loader reads it
     with pytest.raises(ValueError, match="merge it first"):
         export.export_for_vllm(checkpoint, tmp_path / "vllm-adapter")
 
@@ -358,6 +358,41 @@ def test_eval_sweeps_lora_checkpoints(lora_run, tmp_path, eval_rm, synthetic_dir
     assert results["checkpoint"].tolist() == ["checkpoint-2", "checkpoint-4", "final"]
     assert (results["status"] == "ok").all() and results["weights_mtime"].notna().all()
     assert np.isfinite(results["accuracy"]).all()
+
+
+def test_a_lora_sweep_loads_the_base_once_and_scores_as_fresh_loads(
+    lora_run, tmp_path, eval_rm, synthetic_dir, tiny_model_dir, monkeypatch
+):
+    """Three adapter checkpoints of one run: the base model is loaded once and each checkpoint's adapters and head are
+    swapped in (vlrm.model.loading.load_checkpoint's reuse); every per-pair score equals that of a fresh load."""
+    import vlrm.model.loading as loading
+
+    run_dir, _ = lora_run
+    base_loads = []
+    real_load = loading.load_lora_reward_model
+    monkeypatch.setattr(
+        loading, "load_lora_reward_model", lambda *a, **k: base_loads.append(a[0]) or real_load(*a, **k)
+    )
+    values = {
+        "model_dirs": [str(run_dir / "out")], "dataset_path": str(synthetic_dir / "eval.jsonl"), "max_eval_samples": 8,
+        "results_dir": str(tmp_path / "results"), "log_dir": str(tmp_path / "logs"), "num_irrelevant_pairs": 0,
+    }  # fmt: skip
+    (tmp_path / "eval.yaml").write_text(json.dumps(values))
+    assert eval_rm.main([str(tmp_path / "eval.yaml")]) == 0
+    assert len(base_loads) == 1, f"the base model was loaded {len(base_loads)} times for 3 adapter checkpoints"
+    results = pd.read_csv(tmp_path / "results" / "evaluation_results.csv")
+    assert results["checkpoint"].tolist() == ["checkpoint-2", "checkpoint-4", "final"]
+    rows, _ = load_preference_dataset(synthetic_dir / "eval.jsonl", max_samples=8, seed=42)
+    monkeypatch.setattr(loading, "load_lora_reward_model", real_load)
+    first_scores = []
+    for result in results.itertuples():
+        swept = pd.read_csv(result.pairs_file)
+        fresh = RewardScorer.from_pretrained(result.checkpoint_path).score_pairs(rows, batch_size=8)
+        np.testing.assert_array_equal(swept["chosen_score"].to_numpy(np.float32), fresh.chosen)
+        np.testing.assert_array_equal(swept["rejected_score"].to_numpy(np.float32), fresh.rejected)
+        first_scores.append(float(fresh.chosen[0]))
+    # The 4-step run's final model is its checkpoint-4; checkpoint-2 must score otherwise (its own adapters loaded).
+    assert first_scores[0] != first_scores[1] and first_scores[1] == first_scores[2]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from transformers import set_seed
 
 import vlrm.layout.attention as attention
 import vlrm.layout.packed as packing
+import vlrm.layout.segments as segments
 from vlrm.layout.attention import enable_packed_attention
 from vlrm.layout.packed import PackedPreferenceCollator, make_collator, packed_tokens, pair_tokens, prompt_key
 from vlrm.layout.padded import PaddedPreferenceCollator
@@ -210,8 +211,35 @@ def test_same_shape_segments_are_batched_and_still_exact(model, encoder):
     rows = [first, second, third]
     packed = PackedPreferenceCollator(encoder)(rows)
     layout = packed["packed_layout"]
-    assert layout.group_query_index is not None and max(count for count, _, _ in layout.groups) >= 2
+    assert layout.bucket_query_index is not None and max(bucket.count for bucket in layout.buckets) >= 2
     _assert_same_rewards_and_grads(model, encoder, rows)
+
+
+def test_sdpa_calls_per_layer_are_bounded_and_padding_in_buckets_changes_nothing(model, encoder, monkeypatch):
+    """Three prompts (39, 38 and 27 tokens) with 12, 6 and 2 branches of many lengths: far more segment shapes than
+    MAX_ATTENTION_BUCKETS, yet at most that many SDPA calls per layer, and the rewards and every gradient those of the
+    padded layout (1e-5, as above): padding inside a bucket changes nothing, whether the bucket holds prompts only
+    (causal), branches of several prompts (one mask per segment) or a prompt among branches."""
+    first, second = _row(61, 1, 9, 1, 2), _row(62, 0, 12, 1, 2)
+    rows = [dict(first, chosen=_text(70 + i, 4 * i + 1), rejected=_text(90 + i, 4 * i + 3)) for i in range(6)]
+    rows += [dict(second, chosen=_text(110 + i, 4 * i + 2), rejected=_text(130 + i, 4 * i + 4)) for i in range(3)]
+    rows += [_row(63, 0, 2, 9, 12)]
+    layout = PackedPreferenceCollator(encoder)(rows)["packed_layout"]
+    shapes = {(end - start, prefix_end - prefix_start) for start, end, prefix_start, prefix_end in layout.segments}
+    assert len(shapes) >= 4 * segments.MAX_ATTENTION_BUCKETS and len(layout.buckets) <= segments.MAX_ATTENTION_BUCKETS
+    prefixes = [set(bucket.prefix_lengths) for bucket in layout.buckets]  # 0: a prompt
+    kinds = {
+        "prompts only": {0} in prefixes,
+        "branches of several prompts": any(len(p) > 1 and 0 not in p for p in prefixes),
+        "a prompt among branches": any(0 in p and len(p) > 1 for p in prefixes),
+    }
+    assert all(kinds.values()), kinds
+    calls, real_sdpa = [], attention.scaled_dot_product_attention
+    monkeypatch.setattr(
+        attention, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real_sdpa(*a, **k)
+    )
+    _assert_same_rewards_and_grads(model, encoder, rows)
+    assert len(calls) == len(layout.buckets) * model.config.text_config.num_hidden_layers  # the packed forward only
 
 
 def test_eager_model_packed_equals_padded(tiny_model_dir, encoder):

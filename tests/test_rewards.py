@@ -115,19 +115,24 @@ def test_export_for_vllm_names_the_architecture_and_keeps_the_weights(tmp_path, 
     exported = export_for_vllm(reward_checkpoint, tmp_path / "vllm")
     config = json.loads((exported / "config.json").read_text())
     assert config["architectures"] == ["Qwen2_5_VLForSequenceClassification"] and config["num_labels"] == 1
+    assert config["text_config"]["num_labels"] == 1 and config["problem_type"] == "regression"
     assert config["vlrm"]["reward_token"] == "<|im_end|>" and config["vlrm"]["reward_mean"] == 0.25
+    # vLLM's Qwen2.5-VL classifier takes its head from the inner language model: the head is renamed, nothing else.
     names = weight_names(exported)
-    assert (
-        names == weight_names(reward_checkpoint) and "score.weight" in names and not any("lm_head" in n for n in names)
+    assert sorted(names) == sorted(
+        "language_model.score.weight" if name == "score.weight" else name for name in weight_names(reward_checkpoint)
     )
+    assert not any("lm_head" in n for n in names)
     assert all(
-        name.startswith(("model.layers.", "model.embed_tokens", "model.norm", "visual.", "score.")) for name in names
+        name.startswith(("model.layers.", "model.embed_tokens", "model.norm", "visual.", "language_model.score."))
+        for name in names
     )
     with safe_open(exported / "model.safetensors", "pt") as weights:
-        assert weights.get_slice("score.weight").get_shape() == [
+        assert weights.get_slice("language_model.score.weight").get_shape() == [
             1,
-            json.loads((exported / "config.json").read_text())["text_config"]["hidden_size"],
+            config["text_config"]["hidden_size"],
         ]
+    # vlrm reads the export back with the same rewards.
     rows = [{"prompt": "Colour?", "images": [_shapes(2)], "response": "Green."}]
     original = RewardScorer.from_pretrained(reward_checkpoint, device="cpu").score(rows)
     np.testing.assert_allclose(RewardScorer.from_pretrained(exported, device="cpu").score(rows), original, atol=1e-6)

@@ -8,13 +8,17 @@ import base64
 import http.client
 import io
 import json
+import logging
 import os
+import shutil
 import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -264,7 +268,11 @@ def test_health_and_info(server, checkpoints, images):
     assert info["checkpoint"] == str(checkpoints["stats"].resolve()) and info["step"] == 7
     assert info["normalization"] == {"reward_mean": REWARD_MEAN, "reward_std": REWARD_STD}
     expected_limits = dict(
-        LIMITS, max_pending_items=1024, max_seq_length=MAX_SEQ_LENGTH, image_root=str(images["root"])
+        LIMITS,
+        max_drain_bytes=256 * 2**20,
+        max_pending_items=1024,
+        max_seq_length=MAX_SEQ_LENGTH,
+        image_root=str(images["root"]),
     )
     assert info["limits"] == expected_limits and info["batching"] == {"max_batch_size": 16, "max_wait_ms": 5}
     assert call(server["port"], "GET", "/info", key=None)[0] == 401
@@ -428,6 +436,17 @@ BAD_REQUESTS = [
      "differs from what the checkpoint's chat template renders"),
     ("get_reward_empty_response", "/get_reward", lambda im: {"query": ["Q? <|im_end|>"], "prompts": ["Q? "]},
      API_KEY, 400, 0, "query", "empty"),
+    # Strings that are base64 but not of an image are tried as paths under --image_root: never a 500.
+    ("raw_base64_not_an_image", "/score", lambda im: _items_body(_item(images=[_b64(b"hello, not a png")])),
+     API_KEY, 400, 0, "images[0]", "decodes as base64, but not to a PNG, JPEG, GIF, WebP, BMP or TIFF file"),
+    ("long_raw_base64_not_an_image", "/score", lambda im: _items_body(_item(), _item(images=[_b64(bytes(3000))])),
+     API_KEY, 400, 1, "images[0]", "decodes as base64, but not to a PNG"),
+    ("path_component_too_long", "/score", lambda im: _items_body(_item(images=["x" * 300 + ".png"])), API_KEY, 400,
+     0, "images[0]", "cannot read image path 'xxxx"),
+    ("path_too_long", "/score", lambda im: _items_body(_item(images=["/".join(["x" * 200] * 30)])), API_KEY, 400,
+     0, "images[0]", "cannot read image path"),
+    ("path_nul_byte", "/score", lambda im: _items_body(_item(images=["a.png\x00.png"])), API_KEY, 400, 0,
+     "images[0]", "bad image path"),
 ]  # fmt: skip
 
 
@@ -455,6 +474,133 @@ def test_body_limits_hold_before_the_body_is_read(server):
     chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks) + b"0\r\n\r\n"
     reply = raw_exchange(server["port"], (head + "Transfer-Encoding: chunked\r\n\r\n").encode() + chunked)
     assert reply.startswith(b"HTTP/1.1 413") and b"body over --max_body_bytes=262144" in reply
+
+
+BIG_BODY_BYTES = 16 * 2**20  # 64x the test limit, and more than loopback's socket buffers hold: still sending
+
+
+def _send_and_read_reply(port: int, head: bytes, body_chunks) -> bytes:
+    """Send the head, then every body chunk (a client that keeps sending after the server has answered), then read
+    the reply. A connection reset on the way (the server closed with the body unread) raises."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(head)
+        for chunk in body_chunks:
+            connection.sendall(chunk)
+        reply = b""
+        while not (b"\r\n\r\n" in reply and reply.rstrip().endswith(b"}")) and (chunk := connection.recv(65536)):
+            reply += chunk
+    return reply
+
+
+@pytest.mark.parametrize("connection", ["keep-alive", "close"])
+@pytest.mark.parametrize("framing", ["content_length", "chunked"])
+def test_a_client_still_sending_an_over_limit_body_receives_the_413(server, framing, connection):
+    """The 413 goes out at once; the rest of the body is then read and discarded, so the client that keeps sending
+    is never reset before it reads the reply (it would be if the server closed with the body unread: h11 discards
+    the rest of a keep-alive request itself, but `Connection: close`, which urllib sends, closed at once)."""
+    head = (
+        f"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\nConnection: {connection}\r\n"
+    )
+    piece = b"x" * 65536
+    if framing == "content_length":
+        head += f"Content-Length: {BIG_BODY_BYTES}\r\n\r\n"
+        chunks = [piece] * (BIG_BODY_BYTES // len(piece))
+        expected = f"body of {BIG_BODY_BYTES} bytes, over --max_body_bytes=262144"
+    else:
+        head += "Transfer-Encoding: chunked\r\n\r\n"
+        chunks = [b"%x\r\n%s\r\n" % (len(piece), piece)] * (BIG_BODY_BYTES // len(piece)) + [b"0\r\n\r\n"]
+        expected = "body over --max_body_bytes=262144"
+    reply = _send_and_read_reply(server["port"], head.encode(), chunks)
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert json.loads(reply.partition(b"\r\n\r\n")[2]) == {"error": expected, "item": None, "field": None}
+    assert call(server["port"], "GET", "/health", key=None)[0] == 200
+
+
+@pytest.mark.parametrize(
+    "path, key, status, words",
+    [("/score", API_KEY, 413, "over --max_body_bytes=262144"), ("/score", None, 401, "missing API key"),
+     ("/nowhere", API_KEY, 404, "Not Found")],
+    ids=["over_limit", "no_key", "no_route"],
+)  # fmt: skip
+def test_urllib_reads_a_reply_sent_before_its_body_was_read(server, path, key, status, words):
+    """urllib sends `Connection: close` and reads only once its whole body is out: every reply the server gives
+    before reading the body (413, 401, 404) must reach it."""
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server['port']}{path}", data=b" " * BIG_BODY_BYTES, headers=headers, method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == status and words in json.loads(refused.value.read())["error"]
+    assert call(server["port"], "GET", "/health", key=None)[0] == 200
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_reads_the_413_of_an_over_limit_body(server, tmp_path):
+    """curl asks `Expect: 100-continue` for a large body: the server answers before the body is sent (and must not
+    wait for it). With `Expect:` curl sends at once and reads the 413 while still sending; with `Connection: close`
+    too, the server must not close before curl has stopped."""
+    body = tmp_path / "body.json"
+    body.write_bytes(b" " * BIG_BODY_BYTES)
+    for expect in ([], ["-H", "Expect:"], ["-H", "Expect:", "-H", "Connection: close"]):
+        result = subprocess.run(
+            ["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "--max-time", "60", "--data-binary", f"@{body}",
+             "-H", "Content-Type: application/json", "-H", f"Authorization: Bearer {API_KEY}", *expect,
+             f"http://127.0.0.1:{server['port']}/score"],
+            capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+        reply, _, status = result.stdout.rpartition("\n")
+        assert status == "413" and "over --max_body_bytes=262144" in json.loads(reply)["error"], (expect, result)
+    assert call(server["port"], "GET", "/health", key=None)[0] == 200
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def server_log():
+    """Every record the app and uvicorn log meanwhile, at any level (uvicorn's loggers do not reach caplog)."""
+    handler, loggers = _Records(), [logging.getLogger(name) for name in ("uvicorn.error", "vlrm.use.server")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    try:
+        yield handler.records
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+
+@pytest.mark.parametrize("framing", ["content_length", "chunked", "over_limit"])
+def test_a_client_that_disconnects_mid_body_is_logged_quietly(server, framing):
+    """No traceback, no error record, no attempt at a 500: one line at info level, and the server goes on."""
+    head = f"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+    if framing == "chunked":
+        request = head + "Transfer-Encoding: chunked\r\n\r\n" + "400\r\n" + "x" * 1024 + "\r\n"
+    else:  # half of a body under the limit, or the start of one over it (answered 413, then the client leaves)
+        declared = 100_000 if framing == "content_length" else BIG_BODY_BYTES
+        request = head + f"Content-Length: {declared}\r\n\r\n" + '{"items": [' + "x" * 50_000
+    with server_log() as records:
+        with socket.create_connection(("127.0.0.1", server["port"]), timeout=30) as connection:
+            connection.sendall(request.encode())
+            if framing == "over_limit":
+                assert connection.recv(65536).startswith(b"HTTP/1.1 413")
+            else:
+                time.sleep(0.2)  # the server is reading the body when the client goes
+        _wait_for(lambda: any("disconnected" in r.getMessage() or r.levelno >= logging.WARNING for r in records))
+        time.sleep(0.2)  # anything logged after the first record (a traceback from uvicorn) is caught too
+    loud = [(r.name, r.levelname, r.getMessage()) for r in records if r.levelno >= logging.WARNING or r.exc_info]
+    assert not loud, loud
+    assert any(r.levelno <= logging.INFO and "disconnected" in r.getMessage() for r in records), records
+    assert call(server["port"], "GET", "/health", key=None)[0] == 200
 
 
 def test_unknown_route_and_method_use_the_same_error_shape(server):

@@ -35,6 +35,7 @@ _PUBLIC = {
     "prepare_mixture": "vlrm.data.prepare",
     "REFERENCE_RESULTS": "vlrm.data.benchmarks",
     "make_synthetic_dataset": "vlrm.data.synthetic",
+    "make_ranking_dataset": "vlrm.data.synthetic",
     # layout
     "PreferenceEncoder": "vlrm.layout.encoder",
     "make_collator": "vlrm.layout.packed",
@@ -44,11 +45,14 @@ _PUBLIC = {
     "load_checkpoint": "vlrm.model.loading",
     "find_checkpoints": "vlrm.model.checkpoints",
     "family_of": "vlrm.model.families",
+    "HeadArguments": "vlrm.model.heads",
     # train
     "TrainConfig": "vlrm.train.config",
     "EvalConfig": "vlrm.train.config",
     "load_config": "vlrm.train.config_files",
     "VLRewardTrainer": "vlrm.train.trainer",
+    "ObjectiveArguments": "vlrm.train.objectives",
+    "Objective": "vlrm.train.objectives",
     # use
     "RewardScorer": "vlrm.use.scoring",
     "PairScores": "vlrm.use.scoring",
@@ -59,6 +63,7 @@ _PUBLIC = {
     "create_app": "vlrm.use.server.app",
     # beside the wings
     "evaluate_pairs": "vlrm.metrics",
+    "ranking_metrics": "vlrm.metrics",
 }
 
 __all__ = [
@@ -67,6 +72,9 @@ __all__ = [
     "ConfigError",
     "DataSettings",
     "EvalConfig",
+    "HeadArguments",
+    "Objective",
+    "ObjectiveArguments",
     "PairScores",
     "PreferenceEncoder",
     "REFERENCE_RESULTS",
@@ -86,8 +94,10 @@ __all__ = [
     "load_config",
     "load_preference_dataset",
     "make_collator",
+    "make_ranking_dataset",
     "make_synthetic_dataset",
     "prepare_mixture",
+    "ranking_metrics",
     "reward_text",
 ]
 
@@ -107,18 +117,20 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what editors and type checkers see; at run time each name loads on first use
     from vlrm.data.benchmarks import REFERENCE_RESULTS
     from vlrm.data.prepare import DataSettings, load_preference_dataset, prepare_mixture
-    from vlrm.data.synthetic import make_synthetic_dataset
+    from vlrm.data.synthetic import make_ranking_dataset, make_synthetic_dataset
     from vlrm.errors import BadSampleError, CheckpointError, ConfigError
     from vlrm.layout.attention import enable_packed_attention
     from vlrm.layout.encoder import PreferenceEncoder
     from vlrm.layout.packed import make_collator
-    from vlrm.metrics import evaluate_pairs
+    from vlrm.metrics import evaluate_pairs, ranking_metrics
     from vlrm.model.checkpoints import find_checkpoints
     from vlrm.model.families import family_of
+    from vlrm.model.heads import HeadArguments
     from vlrm.model.loading import load_checkpoint
     from vlrm.model.reward_model import VLRewardModel
     from vlrm.train.config import EvalConfig, TrainConfig
     from vlrm.train.config_files import load_config
+    from vlrm.train.objectives import Objective, ObjectiveArguments
     from vlrm.train.trainer import VLRewardTrainer
     from vlrm.use.export import export_for_vllm, reward_text
     from vlrm.use.rewards import VLRewardFunction

@@ -171,3 +171,91 @@ def bias_diagnostics(
         diagnostics["accuracy_when_preferred_is_shorter"] = float(correct[shorter].mean()) if shorter.any() else None
         diagnostics["num_pairs_preferred_is_shorter"] = int(shorter.sum())
     return diagnostics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rows of N responses: rankings (ties allowed), scores, attribute ratings
+
+
+def ranking_pairs(row_ranks: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, better response, worse response) of every ordered pair of a row's responses whose ranks differ (lower
+    rank is better): a ranking binarised, so that every pair metric (accuracy, its interval, margins, per category)
+    reads it as it reads pairs. Tied responses make no pair."""
+    rows, better, worse = [], [], []
+    for row, ranks in enumerate(row_ranks):
+        for first, second in ((i, j) for i in range(len(ranks)) for j in range(len(ranks)) if ranks[i] < ranks[j]):
+            rows.append(row), better.append(first), worse.append(second)
+    return np.asarray(rows, dtype=np.int64), np.asarray(better, dtype=np.int64), np.asarray(worse, dtype=np.int64)
+
+
+def kendall_tau_b(x: Any, y: Any) -> float | None:
+    """Kendall's tau-b (Kendall 1945, "The treatment of ties in ranking problems"): concordant minus discordant pairs
+    over the geometric mean of the pairs untied in x and in y; None when either is constant."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    first, second = np.triu_indices(len(x), k=1)
+    dx, dy = np.sign(x[first] - x[second]), np.sign(y[first] - y[second])
+    untied_x, untied_y = np.count_nonzero(dx), np.count_nonzero(dy)
+    if not untied_x or not untied_y:
+        return None
+    return float((dx * dy).sum() / np.sqrt(untied_x * untied_y))
+
+
+def ranking_metrics(row_rewards: Any, row_ranks: Any) -> dict[str, Any]:
+    """What users compare rankings by, per row of N responses:
+
+    - ``top1_accuracy``: the share of rows whose highest reward is a best-ranked response; a row whose highest reward
+      is shared by several responses counts only if every one of them is best-ranked (ties in reward count against
+      the model, as ties count as wrong in pair accuracy);
+    - ``kendall_tau``: Kendall's tau-b between the rewards and the ranking, averaged over the rows where it is defined;
+    - ``ranking_accuracy``: the share of rows whose every strict pair is ordered right (Acc+ of a ranking);
+    - ``tie_reward_gap``: the mean |r_i - r_j| over pairs the data ranks as tied (they make no pair for accuracy: a
+      tie can be neither right nor wrong; the gap shows how far apart the model puts them).
+    The pair accuracy over every strict pair comes from ``evaluate_pairs`` on ``ranking_pairs``."""
+    top1, taus, fully_right, tie_gaps = [], [], [], []
+    for rewards, ranks in zip(row_rewards, row_ranks, strict=True):
+        rewards, ranks = np.asarray(rewards, dtype=np.float64), np.asarray(ranks, dtype=np.float64)
+        highest = rewards == rewards.max()
+        top1.append(bool((ranks[highest] == ranks.min()).all()))
+        tau = kendall_tau_b(rewards, -ranks)
+        if tau is not None:
+            taus.append(tau)
+        first, second = np.triu_indices(len(ranks), k=1)
+        strict = ranks[first] != ranks[second]
+        right = np.sign(rewards[first] - rewards[second]) == np.sign(ranks[second] - ranks[first])
+        fully_right.append(bool(right[strict].all()))
+        tie_gaps += np.abs(rewards[first] - rewards[second])[~strict].tolist()
+    return {
+        "num_rankings": len(top1),
+        "top1_accuracy": float(np.mean(top1)),
+        "kendall_tau": float(np.mean(taus)) if taus else None,
+        "ranking_accuracy": float(np.mean(fully_right)),
+        "num_tied_pairs": len(tie_gaps),
+        "tie_reward_gap": float(np.mean(tie_gaps)) if tie_gaps else None,
+    }
+
+
+def attribute_metrics(predicted: Any, ratings: Any, names: list[str]) -> dict[str, dict[str, float]]:
+    """Per attribute, over the rated responses (NaN ratings left out): ``mae`` and ``rmse`` of the attribute reward
+    against the rating, and ``pairwise_accuracy``: within each row, over response pairs the rating orders, the share
+    the attribute reward orders the same way (ties in reward wrong). ``predicted`` and ``ratings``: per row, [N, A]."""
+    result = {}
+    for column, name in enumerate(names):
+        errors, correct = [], []
+        for row_predicted, row_ratings in zip(predicted, ratings, strict=True):
+            values, targets = np.asarray(row_predicted)[:, column], np.asarray(row_ratings)[:, column]
+            known = ~np.isnan(targets)
+            errors += (values[known] - targets[known]).tolist()
+            values, targets = values[known], targets[known]
+            first, second = np.triu_indices(len(targets), k=1)
+            ordered = targets[first] != targets[second]
+            correct += (np.sign(values[first] - values[second]) == np.sign(targets[first] - targets[second]))[
+                ordered
+            ].tolist()
+        errors = np.asarray(errors)
+        result[name] = {
+            "mae": float(np.abs(errors).mean()) if errors.size else None,
+            "rmse": float(np.sqrt((errors**2).mean())) if errors.size else None,
+            "pairwise_accuracy": float(np.mean(correct)) if correct else None,
+            "num_rated": int(errors.size),
+        }
+    return result

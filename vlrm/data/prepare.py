@@ -50,13 +50,14 @@ import numpy as np
 from filelock import FileLock
 
 from vlrm.data.images import resolve_image
+from vlrm.data.rankings import responses_of
 from vlrm.data.rows import CANONICAL_FEATURES, images_key, map_row
 from vlrm.data.sources import RawRows
 from vlrm.errors import BadSampleError, RowProblem, UnsupportedRow
 
 logger = logging.getLogger(__name__)
 
-PREPARE_VERSION = 2  # bump when a prepared row changes meaning: every cache entry is rebuilt
+PREPARE_VERSION = 3  # bump when a prepared row changes meaning: every cache entry is rebuilt (3: N-way rows)
 WRITER_BATCH_ROWS = 64  # rows buffered per Arrow write: bounds each worker's memory whatever the image sizes
 AUTO_PARALLEL_ROWS = 2000  # below this many rows, starting worker processes costs more than it saves
 MAX_REASONS = 20  # bad and over-long rows listed by name in a report (all are counted)
@@ -74,6 +75,7 @@ PREPARED_FEATURES = datasets.Features(
         "prompt_length": datasets.Value("int32"),
         "chosen_length": datasets.Value("int32"),
         "rejected_length": datasets.Value("int32"),
+        "response_lengths": datasets.List(datasets.Value("int32")),  # a row of N responses: each one's tokens
     }
 )
 LENGTH_COLUMNS = ("prompt_length", "chosen_length", "rejected_length")
@@ -210,10 +212,17 @@ def prepared_row(raw: Any, index: int, rows: RawRows, encoder: Any, benchmark: s
         row["id"] = f"{row['id']}#{index}"
     row["source"] = rows.source
     row["images_key"] = images_key(row["prompt"], row["images"])
-    lengths = (None, None, None)
+    row.update(dict.fromkeys(LENGTH_COLUMNS), response_lengths=None)
     if encoder is not None:
-        lengths = encoder.sequence_lengths(row, [size for _, size in resolved])
-    row.update(zip(LENGTH_COLUMNS, lengths, strict=True))
+        prompt, responses = encoder.branch_lengths(row, [size for _, size in resolved])
+        texts = responses_of(row)
+        chosen, rejected = (
+            responses[texts.index(row["chosen"])],
+            responses[len(texts) - 1 - texts[::-1].index(row["rejected"])],
+        )
+        row.update(prompt_length=prompt, chosen_length=chosen, rejected_length=rejected)
+        if row["responses"] is not None:
+            row["response_lengths"] = responses
     return row
 
 
@@ -242,7 +251,8 @@ def _generate(shards: list, rows: RawRows, encoder: Any, settings: DataSettings,
                 left_out.append(["skipped", f"row {index} `{problem.field_name}`: {problem.reason}", repeat])
                 continue
             if settings.max_seq_length is not None and row["prompt_length"] is not None:
-                longest = row["prompt_length"] + max(row["chosen_length"], row["rejected_length"])
+                responses = row["response_lengths"] or [row["chosen_length"], row["rejected_length"]]
+                longest = row["prompt_length"] + max(responses)
                 if longest > settings.max_seq_length:
                     left_out.append(["overlong", f"{row['id']} ({longest} tokens)", repeat])
                     continue
@@ -466,6 +476,66 @@ def load_preference_dataset(
     return dataset, reports[0]
 
 
+SAMPLE_RUNS = 32
+
+
+def contiguous_sample(num_rows: int, count: int, seed: int, runs: int = SAMPLE_RUNS) -> np.ndarray:
+    """``count`` sorted row indices of a prepared set drawn as ``runs`` contiguous runs at seeded random places (all
+    rows when ``count >= num_rows``).
+
+    Why runs and not single rows: a prepared set is memory-mapped, and the kernel maps a touched page-cache folio
+    whole (up to 2 MB: a dozen 160 KB images), so 1,000 scattered rows map hundreds of MB of the file into the
+    process, more the larger the file (each row in a folio of its own), while 1,000 rows in 32 runs map what they
+    read and a folio at each end (measured with bench/bench_data.py). The runs start at a seeded random permutation's
+    places, so they cover the set (and a mixture's sources) evenly."""
+    if count >= num_rows:
+        return np.arange(num_rows)
+    runs = max(1, min(runs, count))
+    lengths = np.full(runs, count // runs) + (np.arange(runs) < count % runs)
+    rng = np.random.default_rng(seed)
+    # The rows not drawn, cut at random into runs + 1 gaps (stars and bars): run i starts after the rows not drawn
+    # before it (a non-decreasing draw) and the runs before it.
+    skipped_before = np.sort(rng.choice(num_rows - count + runs, runs, replace=False)) - np.arange(runs)
+    starts = skipped_before + np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return np.concatenate([np.arange(start, start + length) for start, length in zip(starts, lengths, strict=True)])
+
+
+def row_kinds(dataset: datasets.Dataset) -> dict[str, dict[str, int]]:
+    """Per source: rows with images, text-only rows (no image: no vision forward) and rows of N responses; counted
+    on Arrow batches from the columns' list lengths, no image read."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kinds: dict[str, dict[str, int]] = {}
+    columns = dataset.select_columns(["source", "images", "responses"]).with_format("arrow")
+    for batch in columns.iter(batch_size=65536):
+        counts = pa.table({
+            "source": batch.column("source"),
+            "with_images": pc.greater(pc.fill_null(pc.list_value_length(batch.column("images")), 0), 0),
+            "ranking": pc.is_valid(batch.column("responses")),
+        }).group_by("source").aggregate([("with_images", "sum"), ("with_images", "count"), ("ranking", "sum")])  # fmt: skip
+        for row in counts.to_pylist():
+            kind = kinds.setdefault(row["source"], {"images": 0, "text_only": 0, "rankings": 0})
+            kind["images"] += row["with_images_sum"]
+            kind["text_only"] += row["with_images_count"] - row["with_images_sum"]
+            kind["rankings"] += row["ranking_sum"]
+    return kinds
+
+
+def branch_lengths(dataset: datasets.Dataset) -> list[tuple[int, list[int], int]]:
+    """(prompt, [each response], best response) tokens of every prepared row: a pair's chosen and rejected (the best:
+    chosen), a ranking's N (the best: its chosen)."""
+    if any(name not in dataset.column_names for name in LENGTH_COLUMNS):
+        raise ValueError("the dataset has no token-length columns: prepare it with a processor (vlrm.data.prepare)")
+    columns = dataset.select_columns([*LENGTH_COLUMNS, "response_lengths"]).to_dict()
+    return [
+        (prompt, list(responses) if responses is not None else [chosen, rejected], chosen)
+        for prompt, chosen, rejected, responses in zip(
+            *(columns[name] for name in LENGTH_COLUMNS), columns["response_lengths"], strict=True
+        )
+    ]
+
+
 def pair_lengths(dataset: datasets.Dataset) -> list[tuple[int, int, int]]:
     """(prompt, chosen, rejected) tokens of every prepared row, from its length columns."""
     if any(name not in dataset.column_names for name in LENGTH_COLUMNS):
@@ -500,6 +570,12 @@ def prepare_training_data(config: Any, encoder: Any) -> tuple[datasets.Dataset, 
         if len(reports) > 1:
             counts = ", ".join(f"{report.source}: {report.rows_kept}" for report in reports)
             logger.info("mixture of %d sources, %d pairs (%s)", len(reports), len(dataset), counts)
+        kinds = row_kinds(dataset)
+        if any(kind["text_only"] or kind["rankings"] for kind in kinds.values()):
+            logger.info("%s rows by kind: %s", split, "; ".join(
+                f"{source}: {kind['images']} with images, {kind['text_only']} text-only, {kind['rankings']} of N "
+                "responses" for source, kind in kinds.items()
+            ))  # fmt: skip
         return dataset
 
     train = prepare(

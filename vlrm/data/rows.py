@@ -10,6 +10,8 @@ Accepted layouts:
 - VL-RewardBench: ``{"query", "image", "response": [a, b], "human_ranking": [rank_a, rank_b]}`` (lower rank wins)
 - LLaVA / POVID: ``{"conversations": [...], "rejected_conversations": [...], "image"}`` with ``<image>`` markers
 - the benchmarks' own layouts (``vlrm.data.benchmarks``)
+- rows of N responses with ranks (ties allowed), scores or attribute ratings, VLFeedback's native rows among them,
+  and a tie on a pair (``vlrm.data.rankings``)
 
 Images may be paths (relative to the data file), PIL images, raw bytes or ``{"bytes": ..., "path": ...}`` dicts
 (checked by ``vlrm.data.images``). Optional fields: ``id``, ``margin``, ``category``. A row that cannot be used raises
@@ -26,6 +28,7 @@ from typing import Any
 import datasets
 
 import vlrm.data.benchmarks as benchmarks
+import vlrm.data.rankings as rankings
 from vlrm.errors import RowProblem
 
 QUESTION_KEYS = ("question", "prompt", "query")
@@ -49,6 +52,13 @@ CANONICAL_FEATURES = datasets.Features(
         "group": datasets.Value("string"),  # pairs judged together (MM-RLHF's Acc+), else null
         "preferred_position": datasets.Value("int8"),  # where the preferred answer stood in the source row, if known
         "benchmark": datasets.Value("string"),  # the benchmark layout it was read as (vlrm.data.benchmarks), or null
+        # Rows of N responses (vlrm.data.rankings); null for a pair, whose chosen / rejected say it all.
+        "responses": datasets.List(datasets.Value("string")),
+        "ranks": datasets.List(datasets.Value("float32")),  # lower is better; equal ranks tie
+        "scores": datasets.List(datasets.Value("float32")),
+        "ratings": datasets.List(datasets.List(datasets.Value("float32"))),  # [N][A]; NaN: not rated
+        "rating_names": datasets.List(datasets.Value("string")),
+        "tie": datasets.Value("bool"),  # a pair whose two responses are equally good
     }
 )
 
@@ -149,15 +159,18 @@ def map_row(raw: dict[str, Any], benchmark: str | None = None) -> dict[str, Any]
         raw = benchmarks.multimodal_rewardbench_fields(raw)
     elif kind == benchmarks.MM_RLHF_REWARDBENCH:
         raw = benchmarks.mm_rlhf_fields(raw)
-    images = _as_list(raw.get("images", raw.get("image")))
-    if "conversations" in raw:  # LLaVA / POVID
+    images = _as_list(raw.get("images", raw.get("image", raw.get("img_path"))))
+    if rankings.is_ranking_row(raw):  # N responses with ranks, scores or ratings (VLFeedback, ranked lists)
+        pair = {"prompt": _question_prompt(raw, len(images)), **rankings.ranking_labels(raw)}
+    elif "conversations" in raw:  # LLaVA / POVID
         pair = _llava_pair(raw, len(images))
     elif "response" in raw and "human_ranking" in raw:  # VL-RewardBench
         pair = _vl_rewardbench_pair(raw, len(images))
     else:
         pair = _chosen_rejected_pair(raw, len(images))
     prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
-    if chosen.strip() == rejected.strip():
+    tie = None if pair.get("responses") is not None else rankings.pair_tie(raw)
+    if chosen.strip() == rejected.strip() and pair.get("responses") is None:
         raise RowProblem("rejected", "identical to chosen: no preference to learn")
     num_image_parts = sum(part["type"] == "image" for message in prompt for part in message["content"])
     if num_image_parts != len(images):
@@ -176,6 +189,8 @@ def map_row(raw: dict[str, Any], benchmark: str | None = None) -> dict[str, Any]
         "group": raw.get("group"),
         "preferred_position": pair.get("preferred_position", raw.get("preferred_position")),
         "benchmark": kind,
+        **{name: pair.get(name) for name in rankings.RANKING_FIELDS if name != "tie"},
+        "tie": tie,
     }
 
 
@@ -212,18 +227,21 @@ def _chosen_rejected_pair(raw: dict[str, Any], num_images: int) -> dict[str, Any
         raise RowProblem("rejected", "missing")
     chosen = _assistant_text(raw["chosen"], "chosen")
     rejected = _assistant_text(raw["rejected"], "rejected")
+    return {"prompt": _question_prompt(raw, num_images), "chosen": chosen, "rejected": rejected}
+
+
+def _question_prompt(raw: dict[str, Any], num_images: int) -> list[dict]:
+    """The prompt of a row that asks its question in ``question`` / ``prompt`` / ``query``: a string, or messages."""
     question_key = next((key for key in QUESTION_KEYS if key in raw), None)
     if question_key is None:
         raise RowProblem("question", f"missing: one of {', '.join(QUESTION_KEYS)} is needed")
     question = raw[question_key]
     if isinstance(question, str):
-        prompt = user_prompt(_text(question, question_key), num_images)
-    elif isinstance(question, (list, tuple)) or hasattr(question, "tolist"):
-        prompt = _normalise_messages(_as_list(question), question_key)
-    else:
-        kind = "null" if question is None else type(question).__name__
-        raise RowProblem(question_key, f"expected a question string or a list of messages, got {kind}")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        return user_prompt(_text(question, question_key), num_images)
+    if isinstance(question, (list, tuple)) or hasattr(question, "tolist"):
+        return _normalise_messages(_as_list(question), question_key)
+    kind = "null" if question is None else type(question).__name__
+    raise RowProblem(question_key, f"expected a question string or a list of messages, got {kind}")
 
 
 def images_key(prompt: list[dict], images: list[dict]) -> str:

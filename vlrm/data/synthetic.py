@@ -152,16 +152,84 @@ def write_benchmark_standins(eval_path: Path, seed: int = 0) -> list[Path]:
     return paths
 
 
+RANKED_COUNTS = {1: "There is one shape.", 2: "There are two shapes.", 3: "There are three shapes.",
+                 4: "There are four shapes."}  # fmt: skip
+
+
+def ranking_row(color: str, count: int, category: str, rng: random.Random) -> dict:
+    """The 4 answers of one image, ranked by how right they are: for the count, by how far off (1 vs 3 shapes when
+    there are 2: tied), for the colour the right one first and the other three tied. Scores are 3 - the rank; the
+    ratings (1-5, as VLFeedback's) are ``accuracy`` (5 when exactly right, else 1) and ``closeness`` (5 - 2 x how far
+    off, 1 for a wrong colour). The answers come in a seeded order, so no position carries the label."""
+    if category == "count":
+        answers = [(sentence, abs(value - count)) for value, sentence in RANKED_COUNTS.items()]
+    else:
+        answers = [(sentence, 0 if value == color else 1) for value, sentence in QUESTIONS["color"][1].items()]
+    rng.shuffle(answers)
+    ranks = [float(distance) for _, distance in answers]
+    return {
+        "question": QUESTIONS[category][0],
+        "responses": [sentence for sentence, _ in answers],
+        "ranks": ranks,
+        "scores": [3.0 - rank for rank in ranks],
+        "ratings": [
+            {
+                "accuracy": 5.0 if rank == 0 else 1.0,
+                "closeness": max(1.0, 5.0 - 2 * rank) if category == "count" else (5.0 if rank == 0 else 1.0),
+            }
+            for rank in ranks
+        ],  # fmt: skip
+        "category": category,
+    }
+
+
+def make_ranking_split(output_dir: Path, split: str, num_rows: int, seed: int, image_size: int) -> Path:
+    """``num_rows`` rows of 4 ranked answers (``ranking_row``), colour and count questions alternating, each colour
+    and each count 1-4 equally often: only the pixels decide the ranking."""
+    rng = random.Random(f"{seed}-ranking-{split}")
+    image_dir = output_dir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    colors, counts = list(COLORS), list(RANKED_COUNTS)
+    rows = []
+    for index in range(num_rows):
+        category = ("color", "count")[index % 2]
+        color = colors[(index // 2) % len(colors)] if category == "color" else rng.choice(colors)
+        count = counts[(index // 2) % len(counts)] if category == "count" else rng.choice(counts)
+        image_name = f"ranking_{split}_{index:05d}.png"
+        draw_shapes(color, count, image_size, rng).save(image_dir / image_name)
+        rows.append({"id": f"ranking-{split}-{index:05d}", "images": [f"images/{image_name}"],
+                     **ranking_row(color, count, category, rng)})  # fmt: skip
+    rng.shuffle(rows)
+    path = output_dir / f"ranking_{split}.jsonl"
+    with open(path, "w") as file:
+        file.writelines(json.dumps(row) + "\n" for row in rows)
+    return path
+
+
+def make_ranking_dataset(
+    output_dir: str | Path, num_train: int = 600, num_eval: int = 100, seed: int = 0, image_size: int = 112
+) -> tuple[Path, Path]:
+    """Write ``ranking_train.jsonl`` and ``ranking_eval.jsonl`` (+ ``images/``): rows of N = 4 answers ranked by the
+    image, with ties, scores and two attribute ratings (``ranking_row``); returns their paths."""
+    output_dir = Path(output_dir)
+    return (
+        make_ranking_split(output_dir, "train", num_train, seed, image_size),
+        make_ranking_split(output_dir, "eval", num_eval, seed, image_size),
+    )
+
+
 def make_synthetic_dataset(
     output_dir: str | Path, num_train: int = 1200, num_eval: int = 200, seed: int = 0, image_size: int = 112
 ) -> tuple[Path, Path]:
-    """Write ``train.jsonl``, ``eval.jsonl``, ``eval_blank.jsonl``, the benchmark stand-ins ``standin_*.jsonl``
-    (+ ``images/``) under ``output_dir``; returns the first two paths."""
+    """Write ``train.jsonl``, ``eval.jsonl``, ``eval_blank.jsonl``, the benchmark stand-ins ``standin_*.jsonl``,
+    the N-way set ``ranking_{train,eval}.jsonl`` (``make_ranking_dataset``, half as many rows) (+ ``images/``) under
+    ``output_dir``; returns the first two paths."""
     output_dir = Path(output_dir)
     train = make_split(output_dir, "train", num_train, seed, image_size)
     held_out = make_split(output_dir, "eval", num_eval, seed, image_size)
     write_blanked(held_out, image_size)
     write_benchmark_standins(held_out, seed)
+    make_ranking_dataset(output_dir, num_train // 2, num_eval // 2, seed, image_size)
     return train, held_out
 
 
@@ -178,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     train, held_out = make_synthetic_dataset(
         args.output_dir, args.num_train, args.num_eval, args.seed, args.image_size
     )
-    print(f"synthetic preference set written: {train}, {held_out}")
+    print(
+        f"synthetic preference set written: {train}, {held_out}; N-way rankings: ranking_train.jsonl, "
+        "ranking_eval.jsonl"
+    )
     return 0
 
 

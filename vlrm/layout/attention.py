@@ -3,9 +3,9 @@
 Registered under names that stand in for the standard implementations (``PACKED_IMPLEMENTATIONS``), used by the
 language model only (the vision tower keeps its own attention): with a ``packed_layout`` in the call, prompt tokens
 attend causally within their prompt and branch tokens to their whole prompt and causally to their own branch
-(``packed_sdpa``: one SDPA call per group of same-shape segments; ``packed_varlen``: one flash-attn varlen call);
-without one (a padded batch) they are transformers' own sdpa / eager / flash_attention_2. The layout itself is built
-in ``vlrm.layout.packed``.
+(``packed_sdpa``: one SDPA call per bucket of segments, at most a few per layer; ``packed_varlen``: one flash-attn
+varlen call); without one (a padded batch) they are transformers' own sdpa / eager / flash_attention_2. The layout
+itself is built in ``vlrm.layout.packed``.
 
     enable_packed_attention(model)   # once after loading, before DeepSpeed / accelerate wrap the model
 """
@@ -17,13 +17,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.nn.functional import scaled_dot_product_attention
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, flash_attention_mask, sdpa_mask
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
 from vlrm.layout.recurrent import enable_packed_recurrence
-from vlrm.layout.segments import PackedLayout
+from vlrm.layout.segments import AttentionBucket, PackedLayout
 
 
 def _bottom_right_causal_mask(query_length: int, prefix_length: int, device: torch.device) -> torch.Tensor:
@@ -32,12 +33,24 @@ def _bottom_right_causal_mask(query_length: int, prefix_length: int, device: tor
     return keys[None, :] <= torch.arange(query_length, device=device)[:, None] + prefix_length
 
 
-def _branch_mask(layout: PackedLayout, query_length: int, prefix_length: int, query: torch.Tensor) -> torch.Tensor:
-    """The bottom-right causal mask as an additive float mask (what SDPA turns a bool mask into), built once per
-    forward and shape."""
-    key = (query_length, prefix_length, query.dtype, query.device)
+def _bucket_mask(
+    layout: PackedLayout, index: int, bucket: AttentionBucket, query: torch.Tensor
+) -> torch.Tensor | None:
+    """The additive float mask of a bucket (what SDPA turns a bool mask into), built once per forward and shared by
+    every layer: query t of a segment attends its keys up to its prefix + t. ``None`` when every segment is a prompt
+    (no prefix): then right padding is plain causal attention. One [queries, keys] mask when all prefixes are equal
+    (the completions of one prompt), else one per segment, [count, 1, queries, keys]."""
+    prefixes = bucket.prefix_lengths
+    if not any(prefixes):
+        return None
+    key = (index, query.dtype, query.device)
     if key not in layout.attention_masks:
-        allowed = _bottom_right_causal_mask(query_length, prefix_length, query.device)
+        if len(set(prefixes)) == 1:
+            allowed = _bottom_right_causal_mask(bucket.query_length, prefixes[0], query.device)
+        else:
+            offsets = torch.tensor(prefixes, device=query.device)[:, None, None, None]
+            queries = torch.arange(bucket.query_length, device=query.device)[:, None]
+            allowed = torch.arange(bucket.key_length, device=query.device) <= queries + offsets
         mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
         layout.attention_masks[key] = mask.masked_fill_(~allowed, torch.finfo(query.dtype).min)
     return layout.attention_masks[key]
@@ -52,45 +65,47 @@ def packed_sdpa(
     dropout: float = 0.0,
     scaling: float | None = None,
 ) -> torch.Tensor:
-    """Attention over the packed row with ``torch.nn.functional.scaled_dot_product_attention``, one call per group
-    of same-shape segments: prompts with ``is_causal``, branches against [prompt keys + own keys] with a bottom-right
-    causal mask of [branch, prompt + branch] (never a [T, T] mask).
+    """Attention over the packed row with ``torch.nn.functional.scaled_dot_product_attention``, one call per bucket
+    of segments (at most ``vlrm.layout.segments.MAX_ATTENTION_BUCKETS``, however many segment shapes the row has):
+    each segment's queries against [its prefix keys + its own keys], padded to the bucket's longest, with the
+    bucket's causal mask (``_bucket_mask``; never a [T, T] mask).
 
-    Queries and keys are gathered once for all groups (one ``index_select`` each, whose backward is one scatter) and
-    cut into groups by views: slicing each segment out separately would cost a full-size zero-filled gradient per
-    slice in the backward pass. ``query``/``key``/``value``: ``[1, heads, T, head_dim]``; returns
-    ``[1, T, heads, head_dim]``."""
-    if layout.group_query_index is not None:
-        query = query.index_select(2, layout.group_query_index)
-    keys = key.index_select(2, layout.group_kv_index)
-    values = value.index_select(2, layout.group_kv_index)
+    Padding changes nothing: a real query never attends a padded key (the mask), and a padded query's output is
+    dropped, so its gradient, and what it adds to every key's and value's gradient, are exact zeros. Queries and keys
+    are gathered once for all buckets (one ``index_select`` each, whose backward is one scatter) and cut into buckets
+    by views: slicing each segment out separately would cost a full-size zero-filled gradient per slice in the
+    backward pass. ``query``/``key``/``value``: ``[1, heads, T, head_dim]``; returns ``[1, T, heads, head_dim]``."""
+    if layout.bucket_query_index is not None:
+        query = query.index_select(2, layout.bucket_query_index)
     num_groups = getattr(module, "num_key_value_groups", 1)
-    query_sizes = [count * query_length for count, query_length, _ in layout.groups]
-    key_sizes = [count * (query_length + prefix_length) for count, query_length, prefix_length in layout.groups]
+    keys = repeat_kv(key.index_select(2, layout.bucket_kv_index), num_groups)
+    values = repeat_kv(value.index_select(2, layout.bucket_kv_index), num_groups)
+    query_sizes = [bucket.count * bucket.query_length for bucket in layout.buckets]
+    key_sizes = [bucket.count * bucket.key_length for bucket in layout.buckets]
     outputs = []
-    for (count, query_length, prefix_length), group_query, group_key, group_value in zip(
-        layout.groups, query.split(query_sizes, 2), keys.split(key_sizes, 2), values.split(key_sizes, 2), strict=True
-    ):
+    for index, (bucket, bucket_query, bucket_key, bucket_value) in enumerate(
+        zip(layout.buckets, query.split(query_sizes, 2), keys.split(key_sizes, 2), values.split(key_sizes, 2),
+            strict=True)
+    ):  # fmt: skip
         # [1, heads, count * length, dim] -> [count, heads, length, dim], as views
-        group_query = group_query.unflatten(2, (count, query_length))[0].transpose(0, 1)
-        group_key, group_value = (
-            repeat_kv(tensor.unflatten(2, (count, -1))[0].transpose(0, 1), num_groups)
-            for tensor in (group_key, group_value)
+        bucket_query, bucket_key, bucket_value = (
+            tensor.unflatten(2, (bucket.count, -1))[0].transpose(0, 1)
+            for tensor in (bucket_query, bucket_key, bucket_value)
         )
-        mask = _branch_mask(layout, query_length, prefix_length, group_query) if prefix_length else None
-        output = torch.nn.functional.scaled_dot_product_attention(
-            group_query,
-            group_key,
-            group_value,
+        mask = _bucket_mask(layout, index, bucket, bucket_query)
+        output = scaled_dot_product_attention(
+            bucket_query,
+            bucket_key,
+            bucket_value,
             attn_mask=mask,
             dropout_p=dropout,
             is_causal=mask is None,
             scale=scaling,
         )
         outputs.append(output.transpose(1, 2).flatten(0, 1))  # [count * length, heads, dim]
-    output = torch.cat(outputs)
-    if layout.group_row_index is not None:
-        output = output.index_select(0, layout.group_row_index)
+    output = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    if layout.bucket_row_index is not None:
+        output = output.index_select(0, layout.bucket_row_index)
     return output[None]
 
 

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from vlrm.data.images import to_rgb
+from vlrm.data.rankings import responses_of
 
 
 def open_image_header(image: Any) -> Image.Image:
@@ -119,15 +120,24 @@ class PreferenceEncoder:
     def sequence_lengths(self, row: dict, image_sizes: list[tuple[int, int]] | None = None) -> tuple[int, int, int]:
         """(prompt, chosen, rejected) lengths in tokens, visual tokens included; the images' sizes (width, height)
         are read from their headers unless given."""
-        texts = [self.prompt_text(row["prompt"]), row["chosen"] + self.end_of_turn, row["rejected"] + self.end_of_turn]
+        prompt, responses = self.branch_lengths(row, image_sizes)
+        if row.get("responses") is None:
+            return prompt, responses[0], responses[1]
+        texts = list(row["responses"])
+        return prompt, responses[texts.index(row["chosen"])], responses[texts.index(row["rejected"])]
+
+    def branch_lengths(self, row: dict, image_sizes: list[tuple[int, int]] | None = None) -> tuple[int, list[int]]:
+        """(prompt, [each response]) lengths in tokens, visual tokens included; a pair's responses are chosen and
+        rejected (``vlrm.data.rankings.responses_of``)."""
+        texts = [self.prompt_text(row["prompt"])] + [text + self.end_of_turn for text in responses_of(row)]
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         # One call into the Rust tokenizer (this runs once per row of every data set), unless a padded call left its
         # padding or truncation switched on (the generic path's processor call does).
         if backend is not None and backend.padding is None and backend.truncation is None:
-            prompt, chosen, rejected = (len(encoding.ids) for encoding in backend.encode_batch(texts, False))
+            lengths = [len(encoding.ids) for encoding in backend.encode_batch(texts, False)]
         else:
-            prompt, chosen, rejected = map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"])
-        return prompt + self._visual_extra(image_sizes or row["images"]), chosen, rejected
+            lengths = list(map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"]))
+        return lengths[0] + self._visual_extra(image_sizes or row["images"]), lengths[1:]
 
     def prompt_length(self, prompt: list[dict], images: list) -> int:
         """Tokens of a rendered prompt, visual tokens included (images, or their (width, height) sizes)."""

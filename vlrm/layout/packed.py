@@ -4,27 +4,27 @@ A micro-batch becomes ONE sequence ``[1, T]``, laid out node by node::
 
     [prompt_0][branch][branch]..[prompt_1][branch]..
 
-A prompt node is a distinct prompt (same messages and same images = same node). Each pair's chosen and rejected
-branches hang under its prompt; an irrelevant branch (pair i's chosen under another prompt) hangs under that
-prompt's node when it is in the batch, else under a node of its own. Each distinct image goes through the vision
+A prompt node is a distinct prompt (same messages and same images = same node). Each row's responses (a pair's chosen
+and rejected, a ranking's N) hang under its prompt; an irrelevant branch (row i's best response under another
+prompt) hangs under that prompt's node when it is in the batch, else under a node of its own. Each distinct image goes through the vision
 encoder once per micro-batch, even when several nodes show it (``irrelevant_mode: image``).
 
-Attention (``vlrm.attention``, used by the language model only): prompt tokens attend causally within their prompt;
+Attention (``vlrm.layout.attention``, used by the language model only): prompt tokens attend causally within their prompt;
 branch tokens attend to their whole prompt and causally to their own branch. Positions: the prompt's 3D positions
 from the backbone's ``get_rope_index``; branch token t sits at (max prompt position + 1 + t) on all three axes. Image
 features (with Qwen3-VL's DeepStack features) go to the backbone in occurrence order, so it places them on the row's
 image tokens. Each branch therefore sees exactly what its row of the padded layout sees, so rewards and gradients
 match the padded layout to float32 round-off (``tests/test_packing.py``, ``tests/test_families.py``). Which families
-have this layout: ``vlrm.families`` (``packed``).
+have this layout: ``vlrm.model.families`` (``packed``).
 
-Rewards come back in the padded layout's order (chosen B, rejected B, irrelevant B x K pair-major) through
-``reward_index``, and the collator adds the same ``num_pairs``, ``num_irrelevant`` and ``margin`` fields.
+Rewards come back in the padded layout's order (``vlrm.layout.labels``: for pairs chosen B, rejected B, irrelevant
+B x K pair-major) through ``reward_index``, and the collator adds the same label fields.
 
 Use::
 
     enable_packed_attention(model)              # once after loading: sdpa/eager -> packed SDPA, FA2 -> varlen
     collator = PackedPreferenceCollator(encoder)  # or make_collator(encoder, packing=True)
-    rewards = model(**{k: v for k, v in collator(rows).items() if k not in PAIR_FIELDS}).rewards
+    rewards = model(**{k: v for k, v in collator(rows).items() if k not in LABEL_FIELDS}).rewards
 
 The padded layout keeps working on an enabled model: without ``packed_layout`` the attention functions are the
 standard sdpa / eager / flash ones.
@@ -43,7 +43,8 @@ import torch
 from PIL import Image
 
 from vlrm.layout.encoder import PreferenceEncoder
-from vlrm.layout.padded import PaddedPreferenceCollator, add_pair_fields
+from vlrm.layout.labels import add_label_fields, response_tokens
+from vlrm.layout.padded import PaddedPreferenceCollator, reward_branches
 from vlrm.layout.segments import build_layout
 
 
@@ -82,21 +83,14 @@ class _Nodes:
 
 
 def pack_branches(encoder: PreferenceEncoder, examples: list[dict]) -> dict[str, Any]:
-    """The packed row of a micro-batch of pairs: input ids, deduplicated images, ``reward_index`` and the layout."""
-    num_pairs = len(examples)
-    chosen = [encoder.encode_response(example["chosen"]) for example in examples]
+    """The packed row of a micro-batch: input ids, deduplicated images, ``reward_index`` and the layout. Every branch
+    (each response of each row, and the irrelevant branches: ``vlrm.layout.padded.reward_branches``) hangs under the
+    node of its prompt, so a row's N responses share one prompt node and its images go through the vision tower once."""
     nodes = _Nodes()
-    for index, example in enumerate(examples):
-        nodes.add(example["prompt"], example["images"], index, chosen[index])
-        nodes.add(
-            example["prompt"], example["images"], num_pairs + index, encoder.encode_response(example["rejected"])
-        )
-    reward_position = 2 * num_pairs
-    for index, example in enumerate(examples):
-        for other in example.get("irrelevant", None) or []:
-            nodes.add(other["prompt"], other["images"], reward_position, chosen[index])
-            reward_position += 1
-    return _pack_nodes(encoder, nodes, reward_position)
+    ordered = reward_branches(encoder, examples)
+    for position, (source, ids) in enumerate(ordered):
+        nodes.add(source["prompt"], source["images"], position, ids)
+    return _pack_nodes(encoder, nodes, len(ordered))
 
 
 def pack_responses(encoder: PreferenceEncoder, rows: list[tuple[list[dict], list, list[int]]]) -> dict[str, Any]:
@@ -118,6 +112,7 @@ def _pack_nodes(encoder: PreferenceEncoder, nodes: _Nodes, num_rewards: int) -> 
         "mm_token_type_ids": (ids == encoder.image_token_id).long(),
         "reward_index": torch.tensor(row["reward_index"], dtype=torch.long),
         "packed_layout": build_layout(row),
+        **response_tokens(row["response_spans"]),
     }
     if row["grids"]:
         batch["pixel_values"] = torch.cat(row["pixel_rows"])
@@ -129,7 +124,7 @@ def _lay_out(encoder: PreferenceEncoder, nodes: _Nodes, num_rewards: int) -> dic
     """Token ids, segments and spans node by node; each distinct image's pixel rows once (``image_order``: image
     occurrence -> distinct image)."""
     row = {name: [] for name in ("input_ids", "segments", "prompt_spans", "node_images", "branch_spans")}
-    row.update(reward_index=[0] * num_rewards, pixel_rows=[], grids=[], image_order=[])
+    row.update(reward_index=[0] * num_rewards, pixel_rows=[], grids=[], image_order=[], response_spans=[])
     unique_images: dict[tuple, int] = {}
     input_ids, segments = row["input_ids"], row["segments"]
     for (prompt, images, image_keys), branches in zip(nodes.prompts, nodes.branches, strict=True):
@@ -155,18 +150,19 @@ def _lay_out(encoder: PreferenceEncoder, nodes: _Nodes, num_rewards: int) -> dic
             spans.append((start, len(input_ids)))
             segments.append((start, len(input_ids), prompt_start, prompt_end))
             row["reward_index"][position] = len(input_ids) - 1
+            row["response_spans"].append((position, start, len(input_ids)))
         row["branch_spans"].append(spans)
     return row
 
 
 class PackedPreferenceCollator:
-    """Collates canonical rows into the packed layout plus ``num_pairs``, ``num_irrelevant`` and ``margin``."""
+    """Collates canonical rows into the packed layout plus the label fields (``vlrm.layout.labels``)."""
 
     def __init__(self, encoder: PreferenceEncoder):
         self.encoder = encoder
 
     def __call__(self, examples: list[dict]) -> dict[str, Any]:
-        return add_pair_fields(pack_branches(self.encoder, examples), examples)
+        return add_label_fields(pack_branches(self.encoder, examples), examples)
 
 
 def make_collator(encoder: PreferenceEncoder, packing: bool = False):
@@ -192,6 +188,15 @@ def packed_tokens(
             total += prompt_length
         total += chosen_length * (1 + num_irrelevant) + rejected_length
     return total
+
+
+def row_tokens(prompt: int, responses: list[int], best: int, num_irrelevant: int = 0, packing: bool = True) -> int:
+    """Tokens one row adds to a micro-batch (``vlrm.data.prepare.branch_lengths`` gives the lengths: the prompt, each
+    response, the best one): packed, its prompt once, its responses and ``num_irrelevant`` copies of its best one;
+    padded, one row per branch, each as long as the prompt plus the longest response. On a pair, ``pair_tokens``."""
+    if packing:
+        return prompt + sum(responses) + num_irrelevant * best
+    return (len(responses) + num_irrelevant) * (prompt + max(responses))
 
 
 def pair_tokens(length: tuple[int, int, int], num_irrelevant: int = 0, packing: bool = True) -> int:

@@ -1,11 +1,12 @@
 """The padded layout: one right-padded row per (prompt, branch), and the reward order both layouts share.
 
-Every pair is one prompt (images + question) with response branches: chosen, rejected and, with the irrelevant-query
-augmentation, the pair's chosen response under other prompts. Rewards come back in one flat tensor ordered as
+Every row is one prompt (images + question) with response branches: its responses (a pair's chosen and rejected, a
+ranking's N) and, with the irrelevant-query augmentation, its best response under other prompts. Rewards come back
+in one flat tensor in the order ``vlrm.layout.labels`` documents, whatever the layout; for a micro-batch of pairs
 
     [chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}, irrelevant_{0,0} .. irrelevant_{B-1,K-1}]
 
-whatever the layout; ``split_rewards`` undoes it.
+which ``split_rewards`` undoes.
 
 The padded layout is the baseline, and the fallback for any model: every family has it. The packed layout is in
 ``vlrm.layout.packed``.
@@ -17,31 +18,42 @@ from typing import Any
 
 import torch
 
+from vlrm.data.rankings import responses_of
 from vlrm.layout.encoder import EncodedPrompt, PreferenceEncoder, open_image
+from vlrm.layout.labels import add_label_fields, response_tokens, reward_positions
+
+
+def reward_branches(encoder: PreferenceEncoder, examples: list[dict]) -> list[tuple[dict, list[int]]]:
+    """(prompt source, response ids) per reward position (``vlrm.layout.labels``): every response of every row,
+    response-major, then the irrelevant branches pair-major (the row's best response under another prompt). The prompt
+    source is the row itself or an irrelevant prompt: anything with ``prompt`` and ``images``."""
+    responses = [[encoder.encode_response(text) for text in responses_of(example)] for example in examples]
+    positions = reward_positions([len(row) for row in responses])
+    ordered: list[tuple[dict, list[int]] | None] = [None] * sum(map(len, responses))
+    for example, row, where in zip(examples, responses, positions, strict=True):
+        for position, ids in zip(where, row, strict=True):
+            ordered[position] = (example, ids)
+    for example, row in zip(examples, responses, strict=True):
+        best = row[responses_of(example).index(example["chosen"])]
+        ordered += [(other, best) for other in example.get("irrelevant", None) or []]
+    return ordered
 
 
 def branch_sequences(encoder: PreferenceEncoder, examples: list[dict]) -> list[tuple[EncodedPrompt, list[int]]]:
-    """(prompt, response ids) per branch, in reward order: chosen, rejected, then irrelevant (pair-major)."""
-    prompts = [encoder.encode_prompt(example["prompt"], example["images"]) for example in examples]
-    chosen = [encoder.encode_response(example["chosen"]) for example in examples]
-    sequences = [(prompts[i], chosen[i]) for i in range(len(examples))]
-    sequences += [(prompts[i], encoder.encode_response(example["rejected"])) for i, example in enumerate(examples)]
-    for i, example in enumerate(examples):
-        for other in example.get("irrelevant", None) or []:
-            sequences.append((encoder.encode_prompt(other["prompt"], other["images"]), chosen[i]))
-    return sequences
+    """(prompt, response ids) per branch, in reward order (``reward_branches``); each prompt encoded once."""
+    encoded: dict[int, EncodedPrompt] = {}
+
+    def prompt_of(source: dict) -> EncodedPrompt:
+        if id(source) not in encoded:
+            encoded[id(source)] = encoder.encode_prompt(source["prompt"], source["images"])
+        return encoded[id(source)]
+
+    return [(prompt_of(source), ids) for source, ids in reward_branches(encoder, examples)]
 
 
 def branch_rows(encoder: PreferenceEncoder, examples: list[dict]) -> list[tuple[list[dict], list, list[int]]]:
     """(prompt messages, images, response ids) per branch, in reward order, for ``pad_with_processor``."""
-    chosen = [encoder.encode_response(example["chosen"]) for example in examples]
-    rows = [(example["prompt"], example["images"], chosen[i]) for i, example in enumerate(examples)]
-    rows += [
-        (example["prompt"], example["images"], encoder.encode_response(example["rejected"])) for example in examples
-    ]
-    for i, example in enumerate(examples):
-        rows += [(other["prompt"], other["images"], chosen[i]) for other in example.get("irrelevant", None) or []]
-    return rows
+    return [(source["prompt"], source["images"], ids) for source, ids in reward_branches(encoder, examples)]
 
 
 def pad_with_processor(encoder: PreferenceEncoder, rows: list[tuple[list[dict], list, list[int]]]) -> dict[str, Any]:
@@ -72,7 +84,12 @@ def pad_with_processor(encoder: PreferenceEncoder, rows: list[tuple[list[dict], 
             prompt_values = processed[key][i][prompt_mask[i]]
             batch[key][i, : len(prompt_values)] = prompt_values
     batch.update({key: value for key, value in processed.items() if key not in token_keys})
-    return batch
+    prompt_lengths = prompt_mask.sum(-1).tolist()
+    spans = [
+        (i, i * length + start, i * length + len(sequence))
+        for i, (start, sequence) in enumerate(zip(prompt_lengths, sequences, strict=True))
+    ]
+    return batch | response_tokens(spans)
 
 
 def pad_rows(encoder: PreferenceEncoder, rows: list[tuple[list[dict], list, list[int]]]) -> dict[str, Any]:
@@ -100,6 +117,12 @@ def pad_branches(
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "mm_token_type_ids": (input_ids == image_token_id).long() * attention_mask,
+        **response_tokens(
+            [
+                (i, i * length + len(prompt.input_ids), i * length + len(row))
+                for i, ((prompt, _), row) in enumerate(zip(sequences, rows, strict=True))
+            ]
+        ),
     }
     with_images = [prompt for prompt, _ in sequences if prompt.pixel_values is not None]
     if with_images:
@@ -109,7 +132,7 @@ def pad_branches(
 
 
 class PaddedPreferenceCollator:
-    """Collates canonical rows into the padded layout plus ``num_pairs``, ``num_irrelevant`` and ``margin``."""
+    """Collates canonical rows into the padded layout plus the label fields (``vlrm.layout.labels``)."""
 
     def __init__(self, encoder: PreferenceEncoder):
         self.encoder = encoder
@@ -121,25 +144,13 @@ class PaddedPreferenceCollator:
             )
         else:
             batch = pad_with_processor(self.encoder, branch_rows(self.encoder, examples))
-        return add_pair_fields(batch, examples)
-
-
-def add_pair_fields(batch: dict[str, Any], examples: list[dict]) -> dict[str, Any]:
-    num_irrelevant = {len(example.get("irrelevant") or []) for example in examples}
-    if len(num_irrelevant) > 1:
-        raise ValueError(f"every pair in a batch needs the same number of irrelevant prompts, got {num_irrelevant}")
-    batch["num_pairs"] = len(examples)
-    batch["num_irrelevant"] = num_irrelevant.pop()
-    margins = [example.get("margin") for example in examples]
-    if any(margin is not None for margin in margins):
-        batch["margin"] = torch.tensor([margin or 0.0 for margin in margins], dtype=torch.float32)
-    return batch
+        return add_label_fields(batch, examples)
 
 
 def split_rewards(
     rewards: torch.Tensor, num_pairs: int, num_irrelevant: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(chosen [B], rejected [B], irrelevant [B, K]) from the flat reward tensor."""
+    """(chosen [B], rejected [B], irrelevant [B, K]) from the flat reward tensor of a micro-batch of pairs."""
     chosen, rejected = rewards[:num_pairs], rewards[num_pairs : 2 * num_pairs]
     irrelevant = rewards[2 * num_pairs :].reshape(num_pairs, num_irrelevant)
     return chosen, rejected, irrelevant

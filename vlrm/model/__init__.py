@@ -1,18 +1,21 @@
 """The model wing: families, the reward model, LoRA, and the one place that loads a checkpoint.
 
-``families`` holds one entry per VLM family; ``reward_model`` the backbone + score head (``VLRewardModel``); ``lora``
-builds peft adapters for training; ``checkpoints`` says what a checkpoint dir is (full or LoRA) and finds a run's
-checkpoints; ``loading.load_checkpoint`` loads one for every consumer.
+``families`` holds one entry per VLM family; ``reward_model`` the backbone + head (``VLRewardModel``); ``heads`` the
+heads, pooling and scale a config can ask for (``HeadArguments``); ``lora`` builds peft adapters for training;
+``checkpoints`` says what a checkpoint dir is (full or LoRA) and finds a run's checkpoints;
+``loading.load_checkpoint`` loads one for every consumer.
 """
 
 from vlrm.model.checkpoints import Checkpoint, check_loadable, find_checkpoints, is_lora_checkpoint, load_processor
 from vlrm.model.families import FAMILIES, GENERIC, Family, family_named, family_of
+from vlrm.model.heads import HeadArguments, head_settings_of
 from vlrm.model.loading import load_checkpoint
 from vlrm.model.lora import LoraArguments, apply_lora, count_parameters, lora_summary
 from vlrm.model.reward_model import RewardOutput, VLRewardModel, reward_model_class
 
 __all__ = [
-    "FAMILIES", "GENERIC", "Checkpoint", "Family", "LoraArguments", "RewardOutput", "VLRewardModel", "apply_lora",
-    "check_loadable", "count_parameters", "family_named", "family_of", "find_checkpoints", "is_lora_checkpoint",
-    "load_checkpoint", "load_processor", "lora_summary", "reward_model_class",
+    "FAMILIES", "GENERIC", "Checkpoint", "Family", "HeadArguments", "LoraArguments", "RewardOutput", "VLRewardModel",
+    "apply_lora", "check_loadable", "count_parameters", "family_named", "family_of", "find_checkpoints",
+    "head_settings_of", "is_lora_checkpoint", "load_checkpoint", "load_processor", "lora_summary",
+    "reward_model_class",
 ]  # fmt: skip

@@ -32,7 +32,8 @@ from typing import Any
 from torch import nn
 
 from vlrm.errors import CheckpointError
-from vlrm.model.lora import SCORE_HEAD, base_model_reference, quiet_peft, reward_model_of
+from vlrm.model.heads import head_module_names
+from vlrm.model.lora import base_model_reference, quiet_peft, reward_model_of
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def write_lora_metadata(model: nn.Module, output_dir: str | Path) -> None:
         "format": FORMAT,
         "version": 1,
         "base_model_name_or_path": values.get("base_model_name_or_path"),
-        "trained_in_full": [SCORE_HEAD],
+        "trained_in_full": head_module_names(reward_model_of(model)),
         "load": "vlrm.RewardScorer.from_pretrained(dir) or vlrm.VLRewardModel.from_pretrained(dir)",
         "merge": "python -m vlrm export --merge DIR OUTPUT_DIR",
     }
@@ -363,7 +364,8 @@ def load_lora_reward_model(
         model, loading_info = model_class.from_pretrained(
             base, config=reward_config, dtype=dtype, output_loading_info=True, **kwargs
         )
-    missing = sorted(set(loading_info["missing_keys"]) - {f"{SCORE_HEAD}.weight"})  # the head is in the adapter
+    head = tuple(f"{name}." for name in head_module_names(model))  # the head is in the adapter, not the base
+    missing = sorted(key for key in loading_info["missing_keys"] if not key.startswith(head))
     if missing:
         raise CheckpointError(f"{adapter_dir}: its base model {base} lacks weights: {', '.join(missing[:5])}")
     with quiet_peft():

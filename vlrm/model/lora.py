@@ -8,10 +8,11 @@ Train: the keys are ``LoraArguments``, part of every ``TrainConfig``:
 
 What trains: LoRA adapters (``B @ A``, rank ``lora_r``, scaled by ``lora_alpha / lora_r``; Hu et al. 2021) on every
 linear layer of the language model (or the ones ``lora_target_modules`` names), on the vision merger and blocks when
-``lora_vision`` asks, and the whole ``score`` head (peft's ``modules_to_save``: a random head has nothing for a
-low-rank update to adapt). Everything else is frozen. ``vit_lr`` / ``aligner_lr`` give the vision tower and the merger
-their own learning rates, with or without LoRA, as optimizer parameter groups (``parameter_groups``), which the HF
-Trainer, accelerate and DeepSpeed ZeRO-2/3 all keep.
+``lora_vision`` asks, and the whole head (peft's ``modules_to_save``: a random head has nothing for a low-rank update
+to adapt): ``score`` (linear or MLP), and the attention pooler and the learnable scale when the head has them
+(``vlrm.model.heads.head_module_names``). Everything else is frozen. ``vit_lr`` / ``aligner_lr`` give the vision
+tower and the merger their own learning rates, with or without LoRA, as optimizer parameter groups
+(``parameter_groups``), which the HF Trainer, accelerate and DeepSpeed ZeRO-2/3 all keep.
 
 This module builds the adapters. What an adapter checkpoint holds, and loading one onto its base model, is in
 ``vlrm.model.checkpoints``; ``vlrm.model.loading.load_checkpoint`` loads one for every consumer.
@@ -28,8 +29,8 @@ from typing import Any, Literal
 from torch import nn
 
 from vlrm.errors import ConfigError
+from vlrm.model.heads import head_module_names
 
-SCORE_HEAD = "score"
 # The language model inside every family's VLRewardModel; the vision tower and its aligners are the family's
 # (vlrm.model.families: Qwen's model.visual and model.visual.merger, LLaVA's model.vision_tower and
 # model.multi_modal_projector).
@@ -44,8 +45,8 @@ class LoraArguments:
         default=False,
         metadata={
             "help": "Train LoRA adapters (peft) instead of every weight: the backbone is frozen, the adapters and the "
-            "whole `score` head train, and checkpoints hold only those (+ config and processor; see "
-            "vlrm/model/lora.py)."
+            "whole head (`score`, and the attention pooler and learnable scale when asked for) train, and "
+            "checkpoints hold only those (+ config and processor; see vlrm/model/lora.py)."
         },
     )
     lora_r: int = field(
@@ -218,8 +219,9 @@ def base_model_reference(name_or_path: str | None) -> str | None:
 
 
 def apply_lora(model: nn.Module, config: LoraArguments) -> nn.Module:
-    """Wrap a ``VLRewardModel`` in a peft ``PeftModel``: LoRA adapters on ``linear_layer_names``, the ``score`` head
-    trained in full (``modules_to_save``), every other weight frozen. Call after loading (and after
+    """Wrap a ``VLRewardModel`` in a peft ``PeftModel``: LoRA adapters on ``linear_layer_names``, every head module
+    (``head_module_names``: ``score``, ``reward_pooler``, ``reward_scale``) trained in full (``modules_to_save``),
+    every other weight frozen. Call after loading (and after
     ``enable_packed_attention``, which it keeps) and before the Trainer wraps the model; under ZeRO-3 the base weights
     may already be partitioned (peft gathers the head to copy it)."""
     try:
@@ -233,7 +235,7 @@ def apply_lora(model: nn.Module, config: LoraArguments) -> nn.Module:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=targets,
-        modules_to_save=[SCORE_HEAD],
+        modules_to_save=head_module_names(model),
         bias="none",
     )
     with quiet_peft():
@@ -286,9 +288,10 @@ def lora_summary(model: nn.Module) -> str:
         else:
             head += size
     where = ", ".join(f"{part} {count:,}" for part, count in adapters.items() if count)
+    head_modules = ", ".join(head_module_names(reward_model_of(model)))
     return (
         f"LoRA r={peft_config.r}, alpha={peft_config.lora_alpha} on {len(layers)} linear layers: "
-        f"{sum(adapters.values()):,} adapter parameters ({where}); score head {head:,}"
+        f"{sum(adapters.values()):,} adapter parameters ({where}); head ({head_modules}) {head:,}"
     )
 
 

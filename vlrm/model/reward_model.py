@@ -1,8 +1,11 @@
-"""``VLRewardModel``: a VLM backbone (no language-model head) and a scalar ``score`` head, for every family.
+"""``VLRewardModel``: a VLM backbone (no language-model head) and a reward head, for every family.
 
-The reward of a sequence is the score at its last real token. With the padded layout that token is found from the
+The head (``vlrm.model.heads``: linear or MLP ``score``, last-token / mean / attention pooling, named attributes, a
+learnable scale) is the one the config describes; a config without head settings is the original one, a bias-free
+``score = Linear(hidden, 1)`` read at the last real token. With the padded layout that token is found from the
 attention mask (so left or right padding and pad == eos are all fine); the packed layout (``vlrm.layout.packed``)
-passes its positions as ``reward_index`` directly, with its ``packed_layout``.
+passes its positions as ``reward_index`` directly, with its ``packed_layout``. Mean and attention pooling read the
+response tokens both collators list (``response_index``, ``response_owner``).
 
 ``VLRewardModel`` is the family-independent part. ``VLRewardModel.from_pretrained(path)`` and
 ``VLRewardModel.from_config(config)`` read the config's ``model_type``, pick its family (``vlrm.model.families``) and
@@ -38,15 +41,28 @@ from transformers.utils import ModelOutput
 from vlrm.layout.packed_inputs import packed_backbone_inputs
 from vlrm.model.checkpoints import is_lora_checkpoint, load_lora_reward_model
 from vlrm.model.families import Family, family_of
+from vlrm.model.heads import (
+    POOLER,
+    SCALE,
+    SCORE_HEAD,
+    attribute_weights,
+    build_head,
+    initialize_head_module,
+    mean_pool,
+)
 
 
 @dataclass
 class RewardOutput(ModelOutput):
-    """``rewards``: one float32 scalar per sequence (or per ``reward_index`` entry); ``logits`` is the same as
-    ``[N, 1]``, the shape TRL's reward utilities expect."""
+    """``rewards``: one float32 scalar per sequence (or per ``reward_index`` entry), R in all; ``logits`` is the same
+    as ``[R, 1]``, the shape TRL's reward utilities expect. ``attribute_rewards``: ``[R, A]`` float32, one column per
+    ``reward_attributes`` name (``rewards`` is their weighted sum), else None. ``logit_scale``: the learnable scale
+    (a float32 scalar) the objectives multiply reward differences by, else None; it is not applied to ``rewards``."""
 
     rewards: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    attribute_rewards: torch.Tensor | None = None
+    logit_scale: torch.Tensor | None = None
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -67,7 +83,17 @@ class VLRewardModel(PreTrainedModel):
         config.architectures = [type(self).__name__]  # Qwen2_5_VLRewardModel, ...
         config.vlrm_family = self.family.name
         self.model = AutoModel._model_mapping[type(config)](config)
-        self.score = nn.Linear(config.get_text_config().hidden_size, 1, bias=False)
+        head = build_head(config)
+        for name, value in head.settings.head_settings().items():  # a saved checkpoint rebuilds the same head
+            setattr(config, name, value)
+        self.score = head.score
+        if head.pooler is not None:
+            self.reward_pooler = head.pooler
+        if head.scale is not None:
+            self.reward_scale = head.scale
+        self.reward_pooling = head.settings.reward_pooling
+        self.reward_attributes = tuple(head.settings.reward_attributes or ())
+        self.reward_weights = attribute_weights(head.settings)
         self.post_init()
 
     @classmethod
@@ -97,9 +123,9 @@ class VLRewardModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if module is getattr(self, "score", None):
-            # std 1/sqrt(hidden + 1) keeps initial rewards O(1) (Stiennon et al. 2020, summarize_from_feedback).
-            nn.init.normal_(module.weight, std=1.0 / (self.config.get_text_config().hidden_size + 1) ** 0.5)
+        # The head's own initialisation (vlrm.model.heads): the linear head as it always was, std 1/sqrt(hidden + 1).
+        head_modules = {name: getattr(self, name, None) for name in (SCORE_HEAD, POOLER, SCALE)}
+        initialize_head_module(module, head_modules, self.config.get_text_config().hidden_size)
 
     def vision_parameter_names(self) -> tuple[list[str], list[str]]:
         """(vision tower, aligner) parameter names: what ``freeze_vision_tower`` freezes, and what of the tower
@@ -120,6 +146,8 @@ class VLRewardModel(PreTrainedModel):
         attention_mask: torch.Tensor | dict | None = None,
         reward_index: torch.LongTensor | None = None,
         packed_layout=None,
+        response_index: torch.LongTensor | None = None,
+        response_owner: torch.LongTensor | None = None,
         **inputs,
     ) -> RewardOutput:
         """``inputs``: what the collator gives besides ids and mask (``pixel_values``, ``image_grid_thw``,
@@ -137,12 +165,43 @@ class VLRewardModel(PreTrainedModel):
             if attention_mask is None:
                 reward_index = torch.full((batch_size,), length - 1, device=hidden_states.device)
             else:
-                reward_index = last_token_index(attention_mask)
+                reward_index = last_token_index(attention_mask).to(hidden_states.device)
             reward_index = reward_index + torch.arange(batch_size, device=hidden_states.device) * length
-        # Only the reward tokens go through the head: no [batch, length] scores are ever materialised.
-        selected = hidden_states.reshape(-1, hidden_size)[reward_index]
-        rewards = self.score(selected).squeeze(-1).float()
-        return RewardOutput(rewards=rewards, logits=rewards[:, None])
+        # Only the tokens the head reads go through it: no [batch, length] scores are ever materialised. With the
+        # layers split over devices (device_map), the last hidden states are on the last layer's device, not the
+        # input's.
+        flat = hidden_states.reshape(-1, hidden_size)
+        if self.reward_pooling == "last":
+            selected = flat[reward_index.to(hidden_states.device)]
+        else:
+            selected = self._pool_responses(flat, len(reward_index), response_index, response_owner)
+        scores = self.score(selected).float()  # [R, A]: one column per attribute, or the one reward
+        if self.reward_attributes:
+            attribute_rewards = scores
+            rewards = attribute_rewards @ torch.tensor(self.reward_weights, device=scores.device)
+        else:
+            attribute_rewards, rewards = None, scores.squeeze(-1)
+        logit_scale = self.reward_scale().float() if getattr(self, SCALE, None) is not None else None
+        return RewardOutput(
+            rewards=rewards, logits=rewards[:, None], attribute_rewards=attribute_rewards, logit_scale=logit_scale
+        )
+
+    def _pool_responses(
+        self, flat: torch.Tensor, num_rewards: int, response_index: torch.Tensor | None, owner: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Mean or attention pooling of each reward's response tokens (``vlrm.model.heads``), ``[num_rewards, d]`` in
+        the hidden states' dtype. The sums run in float32: a bfloat16 sum over hundreds of tokens would lose the
+        reward's low bits."""
+        if response_index is None or owner is None:
+            raise ValueError(
+                f"reward_pooling: {self.reward_pooling} reads the response tokens: pass response_index and "
+                "response_owner (vlrm's collators, vlrm.layout, give them with every micro-batch)"
+            )
+        tokens = flat[response_index.to(flat.device)].float()
+        owner = owner.to(flat.device)
+        pooler = getattr(self, POOLER, None)
+        pooled = mean_pool(tokens, owner, num_rewards) if pooler is None else pooler(tokens, owner, num_rewards)
+        return pooled.to(flat.dtype)
 
 
 def _pretrained_base(backbone_class: type) -> type:

@@ -8,6 +8,10 @@ the demo and the tests load it through exactly the code path used for real check
 
     python -m vlrm.tiny --output_dir .cache/tiny-qwen2.5-vl
     python -m vlrm.tiny --family qwen3_vl --output_dir .cache/tiny-qwen3-vl
+
+Their attention heads are 16 wide. ``build_tiny_model_dir(DIR, family=F, head_dim=VLLM_HEAD_DIM)`` builds the same
+model with 32-wide heads (half as many), the narrowest vLLM's CPU attention runs (``bench/check_vllm.py`` uses it;
+Qwen3.5's linear-attention heads stay 16 wide, and vLLM's CPU kernel for them wants 128, which that script sets).
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ QWEN_FAMILIES = {
     "qwen3_5": (Qwen3_5Config, Qwen3VLProcessor, Qwen3VLVideoProcessor),
     "qwen3_5_moe": (Qwen3_5MoeConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor),
 }
+# vLLM's CPU attention backend runs head_dim 32 and up (``Unsupported CPU attention configuration: head_dim=16``):
+# the tiny models' 16 keeps them fast, ``build_tiny_model_dir(..., head_dim=VLLM_HEAD_DIM)`` makes one vLLM runs.
+VLLM_HEAD_DIM = 32
 PATCH_SIZES = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_vl_moe": 16, "qwen3_5": 16, "qwen3_5_moe": 16}
 
 # Qwen-VL's special tokens, in Qwen's order; the processor and the model config look them up by name.
@@ -120,9 +127,19 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def _text_config(tokenizer: PreTrainedTokenizerFast, family: str, hidden_size: int, num_layers: int) -> dict:
+def _scaled_sections(sections: list[int], head_dim: int) -> list[int]:
+    """mRoPE sections written for head_dim 16, scaled to ``head_dim`` (they must sum to the rotary half-width)."""
+    return [section * head_dim // 16 for section in sections]
+
+
+def _text_config(
+    tokenizer: PreTrainedTokenizerFast, family: str, hidden_size: int, num_layers: int, head_dim: int = 16
+) -> dict:
     token_id = tokenizer.convert_tokens_to_ids
-    head_dim = 16
+    if head_dim % 16 or hidden_size % (2 * head_dim):
+        raise ValueError(
+            f"head_dim must be a multiple of 16 dividing hidden_size / 2, got {head_dim} of {hidden_size}"
+        )
     text = {
         "vocab_size": len(tokenizer),
         "hidden_size": hidden_size,
@@ -133,14 +150,19 @@ def _text_config(tokenizer: PreTrainedTokenizerFast, family: str, hidden_size: i
         "head_dim": head_dim,
         "max_position_embeddings": 4096,
         # mRoPE splits head_dim/2 rotary frequencies over (time, height, width).
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": _scaled_sections([2, 3, 3], head_dim),
+        },
         "bos_token_id": token_id("<|endoftext|>"),
         "eos_token_id": token_id("<|im_end|>"),
         "pad_token_id": token_id("<|endoftext|>"),
         "initializer_range": 0.1,
     }
     if family in ("qwen3_vl", "qwen3_vl_moe"):  # interleaved mRoPE, as Qwen3-VL's [24, 20, 20] of 64
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+        sections = _scaled_sections([4, 2, 2], head_dim)
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections,
                                    "mrope_interleaved": True}  # fmt: skip
     if family == "qwen3_vl_moe":
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size, decoder_sparse_step=1)
@@ -153,7 +175,7 @@ def _text_config(tokenizer: PreTrainedTokenizerFast, family: str, hidden_size: i
             linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
             linear_num_value_heads=4,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-                             "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+                             "mrope_section": _scaled_sections([2, 1, 1], head_dim), "mrope_interleaved": True},
         )  # fmt: skip
     return text
 
@@ -175,13 +197,19 @@ def _vision_config(family: str, hidden_size: int) -> dict:
 
 
 def build_tiny_config(
-    tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, num_layers: int = 2, family: str = "qwen2_5_vl"
+    tokenizer: PreTrainedTokenizerFast,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    family: str = "qwen2_5_vl",
+    head_dim: int = 16,
 ) -> PretrainedConfig:
-    """A tiny config of a Qwen-VL family (``QWEN_FAMILIES``)."""
+    """A tiny config of a Qwen-VL family (``QWEN_FAMILIES``). ``head_dim``: the language model's attention head
+    width (16: the default tiny models; 32: what vLLM's CPU attention accepts, ``VLLM_HEAD_DIM``), with
+    ``hidden_size / head_dim`` heads and half as many key-value heads."""
     token_id = tokenizer.convert_tokens_to_ids
     config_class, _, _ = QWEN_FAMILIES[family]
     return config_class(
-        text_config=_text_config(tokenizer, family, hidden_size, num_layers),
+        text_config=_text_config(tokenizer, family, hidden_size, num_layers, head_dim),
         vision_config=_vision_config(family, hidden_size),
         # 0.1 rather than Qwen's 0.02: at hidden size 64 the smaller scale leaves attention nearly uniform and the
         # random model learns far more slowly.
@@ -208,12 +236,20 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, family: str = "qwen2_5_v
 
 
 def build_tiny_model_dir(
-    output_dir: str | Path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, family: str = "qwen2_5_vl"
+    output_dir: str | Path,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    family: str = "qwen2_5_vl",
+    head_dim: int = 16,
 ) -> Path:
-    """Write a tiny random ``*ForConditionalGeneration`` of a Qwen-VL family and its processor to ``output_dir``."""
+    """Write a tiny random ``*ForConditionalGeneration`` of a Qwen-VL family and its processor to ``output_dir``
+    (``head_dim``: see ``build_tiny_config``; ``VLLM_HEAD_DIM`` for a model vLLM's CPU build runs)."""
     output_dir = Path(output_dir)
     tokenizer = build_tokenizer()
-    config = build_tiny_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers, family=family)
+    config = build_tiny_config(
+        tokenizer, hidden_size=hidden_size, num_layers=num_layers, family=family, head_dim=head_dim
+    )
     torch.manual_seed(seed)
     AutoModelForImageTextToText.from_config(config).save_pretrained(output_dir)
     build_processor(tokenizer, family).save_pretrained(output_dir)

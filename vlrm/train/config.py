@@ -19,7 +19,11 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from trl import RewardConfig
 
 from vlrm.errors import ConfigError
+from vlrm.model.heads import HeadArguments
+from vlrm.model.loading import parse_device_map, parse_max_memory
 from vlrm.model.lora import LoraArguments
+from vlrm.train.objectives import ObjectiveArguments
+from vlrm.train.process_group import import_deepspeed_before_the_process_group
 
 
 def check_flash_attention_available() -> None:
@@ -106,7 +110,7 @@ class ModelDataArguments:
 
 
 @dataclass
-class TrainConfig(ModelDataArguments, LoraArguments, RewardConfig):
+class TrainConfig(ModelDataArguments, LoraArguments, HeadArguments, ObjectiveArguments, RewardConfig):
     """Everything `train_rm.py` reads: TRL's `RewardConfig` (and so every `TrainingArguments` field) plus the
     vision-language fields below.
 
@@ -220,9 +224,12 @@ class TrainConfig(ModelDataArguments, LoraArguments, RewardConfig):
         # deprecation warning is not printed on every run.
         if self.gradient_checkpointing is not None and self.activation_checkpointing is None:
             self.activation_checkpointing, self.gradient_checkpointing = self.gradient_checkpointing, None
+        import_deepspeed_before_the_process_group()  # TrainingArguments' set-up starts the process group
         super().__post_init__()
         self._check_model_data_arguments()
         self._check_lora_arguments()
+        self._check_head_arguments()
+        self._check_objective_arguments()
         if not self.model_name_or_path:
             raise ConfigError("model_name_or_path is required (a model directory or hub id).")
         self.dataset_path = _as_list(self.dataset_path)
@@ -346,6 +353,30 @@ class EvalConfig(ModelDataArguments):
             "the log and the JSON, and the rest scored. null: no limit."
         },
     )
+    device_map: str | None = field(
+        default=None,
+        metadata={
+            "help": "Split each checkpoint over several GPUs, for models larger than one (accelerate's big-model "
+            "dispatch): auto, balanced, balanced_low_0, sequential, or a JSON object {module: device}. null: the "
+            "whole model on one device. Both layouts work with the layers on several devices."
+        },
+    )
+    max_memory: str | None = field(
+        default=None,
+        metadata={
+            "help": 'With device_map: memory per device, one size for every GPU ("70GiB") or a JSON object '
+            '({"0": "70GiB", "1": "70GiB", "cpu": "200GiB"}). null: each device\'s free memory.'
+        },
+    )
+    gpus_per_process: int = field(
+        default=1,
+        metadata={
+            "help": "GPUs each evaluation process uses. Under torchrun (./run_eval.sh CONFIG 0,1,...,7) every "
+            "process scores a shard of the pairs with its own replica of the model, split with device_map over "
+            "its own gpus_per_process GPUs: 8 GPUs with 4 are 2 replicas of a 72B model. Above 1 needs device_map; "
+            "GPU numbers in an explicit device_map or max_memory then count within the process's GPUs."
+        },
+    )
     force: bool = field(default=False, metadata={"help": "Re-evaluate checkpoints already in the results."})
     log_dir: str = field(default="logs", metadata={"help": "Where `eval_TIMESTAMP.log` is written."})
     results_dir: str = field(default="evaluation_results", metadata={"help": "Where the results are written."})
@@ -371,3 +402,17 @@ class EvalConfig(ModelDataArguments):
             raise ConfigError(f"output_file must end in .csv, got `{self.output_file}`.")
         if not self.checkpoint_pattern:
             raise ConfigError("checkpoint_pattern must not be empty (default: checkpoint-*).")
+        if self.gpus_per_process < 1:
+            raise ConfigError(f"gpus_per_process must be at least 1, got {self.gpus_per_process}.")
+        if self.gpus_per_process > 1 and self.device_map is None:
+            raise ConfigError(
+                f"gpus_per_process={self.gpus_per_process} splits each replica over several GPUs: set device_map "
+                "(auto or balanced) too."
+            )
+        if self.max_memory is not None and self.device_map is None:
+            raise ConfigError("max_memory bounds a device_map: set device_map (auto or balanced) too.")
+        try:
+            parse_device_map(self.device_map)
+            parse_max_memory(self.max_memory, devices=[])
+        except ValueError as error:
+            raise ConfigError(str(error)) from error

@@ -10,21 +10,61 @@ config and marker, and resumes from one strictly.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from trl import RewardTrainer
 
+from vlrm.data.rankings import responses_of
+from vlrm.layout.labels import LABEL_FIELDS, RewardLabels, reward_positions
 from vlrm.layout.padded import split_rewards
 from vlrm.model.checkpoints import is_lora_checkpoint, load_adapter_weights, write_lora_metadata
 from vlrm.model.lora import is_lora_model, parameter_groups
+from vlrm.train.objectives import Objective, ObjectiveArguments, objective_of
 
 logger = logging.getLogger(__name__)
 
-PAIR_FIELDS = ("num_pairs", "num_irrelevant", "margin")
+
+def ranking_rows(rewards: torch.Tensor, labels: RewardLabels) -> dict[str, torch.Tensor]:
+    """Per row of a labelled micro-batch (``[rows]`` each, float): ``pairs`` (strict pairs), ``correct`` (those the
+    rewards order right; equal rewards wrong), the sums of their ``margin``, ``better`` and ``worse`` rewards;
+    ``top1`` (1 when every response of the highest reward is best-ranked, as ``vlrm.metrics.ranking_metrics``
+    scores it); ``kendall_tau`` (tau-b of rewards against ranks, Kendall 1945; NaN where either is constant);
+    ``ties`` (tied pairs) and ``tie_gap`` (the sum of their |r_i - r_j|)."""
+    num_rows = labels.num_responses.numel()
+    row_of = torch.empty(labels.num_rewards, dtype=torch.long, device=rewards.device)
+    valid = labels.matrix >= 0
+    row_of[labels.matrix[valid]] = torch.arange(num_rows, device=rewards.device)[:, None].expand_as(valid)[valid]
+
+    def per_row(index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(num_rows, device=rewards.device).index_add_(0, row_of[index], values.float())
+
+    better, worse = rewards[labels.better], rewards[labels.worse]
+    first, second = rewards[labels.tie_first], rewards[labels.tie_second]
+    matrix = rewards[labels.matrix.clamp(min=0)].masked_fill(~valid, -torch.inf)
+    ranks = labels.matrix_ranks.to(rewards.device)
+    highest = (matrix == matrix.max(-1, keepdim=True).values) & valid
+    top1 = (~highest | (ranks == ranks.min(-1, keepdim=True).values)).all(-1)
+    upper = torch.triu(torch.ones(valid.shape[1], valid.shape[1], dtype=torch.bool, device=rewards.device), 1)
+    both = valid[:, :, None] & valid[:, None, :] & upper
+    reward_sign = torch.sign(matrix[:, :, None] - matrix[:, None, :]).nan_to_num(0.0) * both
+    rank_sign = torch.sign(ranks[:, None, :] - ranks[:, :, None]).nan_to_num(0.0) * both  # lower rank: better
+    untied = (reward_sign != 0).sum((1, 2)) * (rank_sign != 0).sum((1, 2))
+    tau = (reward_sign * rank_sign).sum((1, 2)) / untied.float().sqrt()
+    return {
+        "pairs": per_row(labels.better, torch.ones_like(better)),
+        "correct": per_row(labels.better, better > worse),
+        "margin": per_row(labels.better, better - worse),
+        "better": per_row(labels.better, better),
+        "worse": per_row(labels.better, worse),
+        "top1": top1.float(),
+        "kendall_tau": tau.masked_fill(untied == 0, torch.nan),
+        "ties": per_row(labels.tie_first, torch.ones_like(first)),
+        "tie_gap": per_row(labels.tie_first, (first - second).abs()),
+    }
 
 
 def reward_losses(
@@ -35,20 +75,28 @@ def reward_losses(
     center_rewards_coefficient: float | None = None,
     irrelevant_loss_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Bradley-Terry loss ``-log sigmoid(r_c - r_r - margin)`` (Bradley & Terry 1952; the margin as in Llama 2,
-    Touvron et al. 2023), optional reward centring (Eisenstein et al. 2023), and the irrelevant-query loss
-    ``mean_j -log sigmoid(r(prompt_i, chosen_i) - r(prompt_j, chosen_i))``. Returns the total and its parts."""
-    difference = chosen - rejected
-    if margin is not None:
-        difference = difference - margin.to(difference)
-    parts = {"bt_loss": -F.logsigmoid(difference).mean()}
-    loss = parts["bt_loss"]
-    if center_rewards_coefficient:
-        loss = loss + center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
-    if irrelevant is not None and irrelevant.numel():
-        parts["irrelevant_loss"] = -F.logsigmoid(chosen[:, None] - irrelevant).mean()
-        loss = loss + irrelevant_loss_weight * parts["irrelevant_loss"]
-    return loss, parts
+    """The Bradley-Terry loss of a micro-batch of pairs, with the margin, the centring and the irrelevant-query term
+    (``vlrm.train.objectives``, ``loss_type: bt``, where the formulas and their papers are). Returns the total and its
+    parts."""
+    num_pairs = len(chosen)
+    irrelevant = chosen.new_zeros(num_pairs, 0) if irrelevant is None else irrelevant
+    rewards = torch.cat([chosen, rejected, irrelevant.flatten()])
+    objective = Objective(ObjectiveArguments(), center_rewards_coefficient, irrelevant_loss_weight)
+    loss, parts = objective(rewards, num_pairs, irrelevant.shape[1], margin)
+    return loss, {name: value for name, value in parts.items() if name.endswith("_loss")}
+
+
+@dataclass
+class RewardStatistics:
+    """The final model's reward scale (``VLRewardTrainer.reward_statistics``), saved in its config: ``reward_mean``,
+    ``reward_std`` over ``count`` responses, and with attribute heads ``reward_attribute_mean`` /
+    ``reward_attribute_std``, one entry per attribute in ``reward_attributes`` order."""
+
+    mean: float
+    std: float
+    count: int
+    attribute_mean: list[float] | None = None
+    attribute_std: list[float] | None = None
 
 
 class VLRewardTrainer(RewardTrainer):
@@ -56,6 +104,8 @@ class VLRewardTrainer(RewardTrainer):
         self.processor = processor
         self.eval_data_collator = eval_data_collator
         super().__init__(*args, **kwargs)
+        attributes = tuple(getattr(self.accelerator.unwrap_model(self.model).config, "reward_attributes", None) or ())
+        self.objective = objective_of(self.args, attributes)
 
     def get_eval_dataloader(self, eval_dataset=None):
         # Evaluation draws irrelevant prompts from the eval set with a fixed epoch, so the training collator (which
@@ -78,36 +128,61 @@ class VLRewardTrainer(RewardTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         num_pairs, num_irrelevant = inputs.pop("num_pairs"), inputs.pop("num_irrelevant")
-        margin = inputs.pop("margin", None)
+        margin, labels = inputs.pop("margin", None), inputs.pop("reward_labels", None)
         outputs = model(**inputs)
-        chosen, rejected, irrelevant = split_rewards(outputs.rewards, num_pairs, num_irrelevant)
-        loss, parts = reward_losses(
-            chosen,
-            rejected,
-            irrelevant,
-            margin,
-            self.args.center_rewards_coefficient,
-            self.args.irrelevant_loss_weight,
-        )
-        self._record_metrics(mode, chosen, rejected, irrelevant, parts)
+        loss, parts = self.objective(
+            outputs.rewards, num_pairs, num_irrelevant, margin, labels,
+            logit_scale=getattr(outputs, "logit_scale", None), attribute_rewards=getattr(outputs, "attribute_rewards", None),
+        )  # fmt: skip
+        self._record_metrics(mode, outputs.rewards, num_pairs, num_irrelevant, labels, parts)
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
-    def _record_metrics(self, mode, chosen, rejected, irrelevant, parts) -> None:
+    def _record_metrics(self, mode, rewards, num_pairs, num_irrelevant, labels, parts) -> None:
+        """Per-example values (not per-batch means), so the logged averages are exact over uneven batches: on pairs
+        today's accuracy, margin, chosen_reward, rejected_reward; on rankings and ties the same over every strict
+        pair of each row (``accuracy`` is then the pairwise accuracy), and top1_accuracy, kendall_tau and tie_gap
+        (``ranking_rows``). Gathered per row, so that accelerate's trimming of the last eval batch (which counts rows)
+        stays right when rows hold different numbers of pairs."""
         gather = self.accelerator.gather_for_metrics
-        chosen, rejected = gather(chosen.detach()), gather(rejected.detach())
         metrics = self._metrics[mode]
-        # Per-pair values (not per-batch means), so the logged averages are exact over uneven batches.
-        metrics["accuracy"].extend((chosen > rejected).float().tolist())
-        metrics["margin"].extend((chosen - rejected).tolist())
-        metrics["chosen_reward"].extend(chosen.tolist())
-        metrics["rejected_reward"].extend(rejected.tolist())
+        rewards = rewards.detach().float()
+        if labels is None:
+            chosen, rejected, irrelevant = split_rewards(rewards, num_pairs, num_irrelevant)
+            chosen, rejected, best = gather(chosen), gather(rejected), chosen
+            counts = None
+        else:
+            rows = {name: gather(value) for name, value in ranking_rows(rewards, labels).items()}
+            counts = rows["pairs"].long()
+            keep = counts > 0
+            if keep.any():  # a micro-batch of tied pairs has no strict pair (the Trainer averages each list)
+                right = int(rows["correct"].sum())
+                metrics["accuracy"].extend([1.0] * right + [0.0] * (int(counts.sum()) - right))
+                # Each row's pair sums spread back over its pairs: the per-pair means come out exact.
+                for name, total in (("margin", "margin"), ("chosen_reward", "better"), ("rejected_reward", "worse")):
+                    metrics[name].extend((rows[total][keep] / counts[keep]).repeat_interleave(counts[keep]).tolist())
+            metrics["top1_accuracy"].extend(rows["top1"].tolist())
+            taus = rows["kendall_tau"][~rows["kendall_tau"].isnan()]
+            if taus.numel():  # the Trainer averages each list: none may be empty
+                metrics["kendall_tau"].extend(taus.tolist())
+            tied = rows["ties"] > 0
+            if tied.any():
+                gaps = (rows["tie_gap"][tied] / rows["ties"][tied]).repeat_interleave(rows["ties"][tied].long())
+                metrics["tie_gap"].extend(gaps.tolist())
+            irrelevant = rewards[labels.num_rewards :].reshape(num_pairs, num_irrelevant)
+            best = rewards[labels.best]
+        if counts is None:
+            metrics["accuracy"].extend((chosen > rejected).float().tolist())
+            metrics["margin"].extend((chosen - rejected).tolist())
+            metrics["chosen_reward"].extend(chosen.tolist())
+            metrics["rejected_reward"].extend(rejected.tolist())
         if irrelevant.numel():
-            irrelevant_margin = chosen[:, None] - gather(irrelevant.detach())
+            irrelevant_margin = gather(best)[:, None] - gather(irrelevant)
             metrics["irrelevant_accuracy"].extend((irrelevant_margin > 0).float().flatten().tolist())
             metrics["irrelevant_margin"].extend(irrelevant_margin.flatten().tolist())
         for name, value in parts.items():
-            metrics[name].append(gather(value.detach()).mean().item())
+            if name.endswith("_loss"):
+                metrics[name].append(gather(value.detach()).mean().item())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -116,22 +191,43 @@ class VLRewardTrainer(RewardTrainer):
         return loss.detach(), None, None
 
     @torch.no_grad()
-    def reward_statistics(self, dataset: Any, collator: Any) -> tuple[float, float, int]:
-        """Mean and std of the model's rewards over every response (chosen and rejected) of ``dataset``, computed on
-        all ranks (the DataLoader is sharded, the rewards gathered), for normalising rewards in RL."""
+    def reward_statistics(self, dataset: Any, collator: Any) -> RewardStatistics:
+        """Mean and std of the model's rewards over every response of ``dataset`` (a pair's chosen and rejected, a
+        ranking's N), and of each attribute's reward with ``reward_attributes``, computed on all ranks (the
+        DataLoader is sharded, the rewards gathered), for normalising rewards in RL (``RewardScorer.normalized``).
+        Each response counts once: the rows accelerate repeats to even out the last batch across ranks are dropped
+        by their keys (``_KeyedRows``)."""
         loader = self.accelerator.prepare(
-            DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=collator)
-        )
+            DataLoader(
+                list(range(len(dataset))), batch_size=self.args.per_device_eval_batch_size,
+                collate_fn=_KeyedRows(dataset, collator),
+            )
+        )  # fmt: skip
         was_training = self.model.training
         self.model.eval()
-        rewards = []
+        keys, values = [], []
         for batch in loader:
+            batch_keys = batch.pop("reward_keys")
             batch = self._prepare_inputs(batch)
-            outputs = self.model(**{key: value for key, value in batch.items() if key not in PAIR_FIELDS})
-            rewards.append(self.accelerator.gather_for_metrics(outputs.rewards.float()))
+            outputs = self.model(**{key: value for key, value in batch.items() if key not in LABEL_FIELDS})
+            columns = [outputs.rewards.float()[: len(batch_keys), None]]
+            if outputs.attribute_rewards is not None:
+                columns.append(outputs.attribute_rewards.float()[: len(batch_keys)])
+            # Ranks hold different numbers of rewards (N-way rows): padded to one length (key -1) to be gathered.
+            pad = self.accelerator.pad_across_processes
+            keys.append(self.accelerator.gather(pad(batch_keys.to(columns[0].device), pad_index=-1)))
+            values.append(self.accelerator.gather(pad(torch.cat(columns, dim=1))))
         self.model.train(was_training)
-        rewards = torch.cat(rewards)
-        return rewards.mean().item(), rewards.std(unbiased=False).item(), len(rewards)
+        keys, values = torch.cat(keys), torch.cat(values)
+        unique, inverse = torch.unique(keys, return_inverse=True)
+        first = torch.full((len(unique),), len(keys), device=keys.device)
+        first = first.scatter_reduce(0, inverse, torch.arange(len(keys), device=keys.device), reduce="amin")
+        values = values[first[unique >= 0]]
+        mean, std = values.mean(0), values.std(0, unbiased=False)
+        statistics = RewardStatistics(mean[0].item(), std[0].item(), len(values))
+        if values.shape[1] > 1:
+            statistics.attribute_mean, statistics.attribute_std = mean[1:].tolist(), std[1:].tolist()
+        return statistics
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer, with the vision blocks and the merger in parameter groups of their own learning
@@ -197,6 +293,28 @@ class VLRewardTrainer(RewardTrainer):
             write_lora_metadata(self.model, output_dir or self.args.output_dir)
         if self.processor is not None:
             self.processor.save_pretrained(output_dir or self.args.output_dir)
+
+
+class _KeyedRows:
+    """A collate function over row indices: the rows of ``dataset`` through ``collator``, plus ``reward_keys``, each
+    response reward's (row, response) as one integer. accelerate evens out the last batch across ranks by repeating
+    rows from the start, and its ``gather_for_metrics`` cuts the last batch at a number of rows, where a batch holds
+    2 to N rewards per row: the keys let ``reward_statistics`` count every response exactly once instead."""
+
+    STRIDE = 1 << 20  # more responses than this in one row would collide with the next row's keys
+
+    def __init__(self, dataset: Any, collator: Any):
+        self.dataset, self.collator = dataset, collator
+
+    def __call__(self, indices: list[int]) -> dict[str, Any]:
+        rows = [self.dataset[int(index)] for index in indices]
+        batch = self.collator(rows)
+        counts = [len(responses_of(row)) for row in rows]
+        keys = torch.empty(sum(counts), dtype=torch.long)
+        for index, where in zip(indices, reward_positions(counts), strict=True):
+            keys[where] = int(index) * self.STRIDE + torch.arange(len(where))
+        batch["reward_keys"] = keys
+        return batch
 
 
 class LogFileCallback(TrainerCallback):

@@ -71,16 +71,18 @@ def _prompt_and_images(prompt: Any, images: Sequence | None) -> tuple[Any, list]
 class VLRewardFunction:
     """A callable reward for TRL's GRPOTrainer (and any RL loop): no gradient, batched, the model kept in eval mode.
 
-    ``normalize``: return ``(r - mean) / std`` with the statistics recorded in the checkpoint's config at the end of
-    training (the final model on a seeded sample of its training set). A completion longer than ``max_seq_length`` is
-    not scored and gets ``nan_reward``: NaN by default, which TRL's GRPOTrainer leaves out of its group's baseline and
-    gives no advantage (unless another reward function scores it)."""
+    The reward is the checkpoint's scalar reward, whatever its head (``vlrm.model.heads``; with attribute heads, their
+    weighted sum). ``normalize``: return ``(r - mean) / std`` with the statistics recorded in the checkpoint's config
+    at the end of training (the final model on a seeded sample of its training set; with attribute heads, the
+    weighted sum of each attribute normalised by its own, ``RewardScorer.normalized``). A completion longer than
+    ``max_seq_length`` is not scored and gets ``nan_reward``: NaN by default, which TRL's GRPOTrainer leaves out of its
+    group's baseline and gives no advantage (unless another reward function scores it)."""
 
     def __init__(
         self, scorer: RewardScorer, normalize: bool = False, batch_size: int = 16, nan_reward: float = float("nan")
     ):
         if normalize:
-            scorer.normalized(np.zeros(1, dtype=np.float32))  # fails now, with the reason, if the stats are absent
+            scorer.require_reward_statistics()  # fails now, with the reason, if the stats are absent
         self.scorer, self.normalize, self.batch_size, self.nan_reward = scorer, normalize, batch_size, nan_reward
         self.__name__ = "vlrm_reward"  # the name TRL logs the reward under (rewards/vlrm_reward/mean)
 
@@ -95,7 +97,12 @@ class VLRewardFunction:
         attn_implementation: str = "sdpa",
         max_seq_length: int | None = DEFAULT_MAX_SEQ_LENGTH,
         base_model_path: str | Path | None = None,
+        device_map: str | dict | None = None,
+        max_memory: dict | None = None,
     ) -> VLRewardFunction:
+        """``device_map`` / ``max_memory``: a reward model larger than one GPU, split over several (accelerate's
+        dispatch, as ``RewardScorer.from_pretrained`` takes them); e.g. the policy on GPUs 0-3 and a 72B reward
+        model on 4-7 with ``device_map="auto", max_memory={4: "75GiB", 5: "75GiB", 6: "75GiB", 7: "75GiB"}``."""
         scorer = RewardScorer.from_pretrained(
             checkpoint_dir,
             base_model_path=base_model_path,
@@ -103,6 +110,8 @@ class VLRewardFunction:
             attn_implementation=attn_implementation,
             device=device,
             max_seq_length=max_seq_length,
+            device_map=device_map,
+            max_memory=max_memory,
         )
         return cls(scorer, normalize=normalize, batch_size=batch_size)
 

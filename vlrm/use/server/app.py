@@ -6,6 +6,8 @@ Its parts: settings and the error shape (``settings``), media decoding (``media`
 
     POST /score       {"items": [{"prompt", "images", "response"}, ...], "normalize": bool?} -> {"rewards": [...]}
     POST /get_reward  OpenRLHF's remote reward shape: {"query": [text, ...], "prompts"?, "images"?} -> {"rewards"}
+                      both take "attributes": true for a checkpoint with attribute heads (reward_attributes): the
+                      reply adds {"attributes": {name: [...]}}, each attribute's rewards (normalised with "normalize")
     GET  /health      {"status": "ok"} (no API key needed, for probes)
     GET  /info        checkpoint, step, normalisation statistics, limits, batching settings, counters
 
@@ -21,6 +23,7 @@ truncated, no URL is fetched and no file outside ``image_root`` is read.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from contextlib import asynccontextmanager
@@ -31,6 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from vlrm.model.checkpoints import checkpoint_step
 from vlrm.use.scoring import RewardScorer
@@ -41,17 +45,85 @@ from vlrm.use.server.settings import NO_REWARD_STATS, RequestError, ServerSettin
 logger = logging.getLogger(__name__)
 
 
+INFO_LIMITS = ("max_items", "max_images", "max_pixels_per_image", "max_body_bytes", "max_drain_bytes",
+               "max_pending_items")  # fmt: skip
+
+# How long the rest of a body is read after a reply that went out before it (nginx's lingering_time is 30 s too).
+DRAIN_SECONDS = 30.0
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or a 413 as soon as it is over ``limit``: a declared Content-Length before anything is read, a
+    chunked body as it arrives. Records in ``request.state.body_follows`` whether more of it is still to come."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(f"body of {declared} bytes, over --max_body_bytes={limit}", status=413)
     chunks, size = [], 0
-    async for chunk in request.stream():  # a chunked body has no Content-Length: count as it arrives
+    while True:  # ASGI messages rather than request.stream(): a refusal must know whether more body follows
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        request.state.body_follows = message.get("more_body", False)
         size += len(chunk)
         if size > limit:
             raise RequestError(f"body over --max_body_bytes={limit}", status=413)
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not request.state.body_follows:
+            return b"".join(chunks)
+
+
+def _body_follows(request: Request) -> bool:
+    """Whether request body bytes are still to come when the reply goes out: the rest of a body refused midway, or
+    a whole body never read (a 401, 404 or a declared length over the limit), unless the client asked
+    ``Expect: 100-continue``: with nothing received, uvicorn has not told it to go on, so it sends no body."""
+    follows = getattr(request.state, "body_follows", None)  # set by _read_body
+    if follows is not None:
+        return follows
+    if request.headers.get("expect", "").lower() == "100-continue":
+        return False
+    return "transfer-encoding" in request.headers or request.headers.get("content-length", "0") != "0"
+
+
+class _ReplyBeforeBody(JSONResponse):
+    """An error reply sent whole at once while the request body is still coming; then the rest of the body read
+    and discarded, at most ``drain_bytes`` within ``DRAIN_SECONDS``, and only then the response ended.
+
+    Why: closing a connection with request bytes unread makes the kernel send a reset, which destroys the reply
+    before a client that is still sending has read it; and uvicorn closes as soon as the response ends when the
+    request said `Connection: close` (urllib always does, and reads the reply only once its body is out). Reading
+    the rest keeps the connection open until the client has sent everything; a client that stops sending on an
+    early reply and closes (curl) ends the discarding at once. Past the bounds the connection is closed anyway."""
+
+    def __init__(self, content: dict, status_code: int, drain_bytes: int):
+        super().__init__(content, status_code=status_code)
+        self.drain_bytes = drain_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body, "more_body": True})
+        discarded = 0
+        try:
+            async with asyncio.timeout(DRAIN_SECONDS):
+                while discarded < self.drain_bytes:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        logger.info("client disconnected after its %d reply (%d body bytes discarded)",
+                                    self.status_code, discarded)  # fmt: skip
+                        break
+                    discarded += len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            logger.info("stopped discarding a request body after %.0f s (%d bytes)", DRAIN_SECONDS, discarded)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _error_reply(request: Request, error: RequestError, drain_bytes: int) -> JSONResponse:
+    if _body_follows(request):
+        content = {"error": error.message, "item": error.item, "field": error.field}
+        return _ReplyBeforeBody(content, error.status, drain_bytes)
+    return error.response()
 
 
 def _authorize(request: Request, api_key: str | None) -> None:
@@ -70,7 +142,7 @@ def _authorize(request: Request, api_key: str | None) -> None:
 def create_app(scorer: RewardScorer, settings: ServerSettings, checkpoint_dir: str | Path) -> FastAPI:
     """The FastAPI app serving ``scorer``. Raises ValueError when ``settings.normalize`` is set and the checkpoint
     records no reward statistics."""
-    if settings.normalize and (scorer.reward_mean is None or not scorer.reward_std):
+    if settings.normalize and not scorer.can_normalize:
         raise ValueError(f"{checkpoint_dir}: {NO_REWARD_STATS}: serve without --normalize")
     parser = RequestParser(scorer, settings)
     batcher = MicroBatcher(scorer, settings)
@@ -85,14 +157,17 @@ def create_app(scorer: RewardScorer, settings: ServerSettings, checkpoint_dir: s
 
     app = FastAPI(title="vlrm reward server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher, app.state.parser = batcher, parser
-    _add_error_handlers(app)
+    _add_error_handlers(app, settings.max_drain_bytes)
 
     async def rewards_for(request: Request, parse) -> dict:
         _authorize(request, settings.api_key)
         body = await _read_body(request, settings.max_body_bytes)
-        rows, normalize = await run_in_threadpool(parse, body)  # decoding images must not block the event loop
+        rows, options = await run_in_threadpool(parse, body)  # decoding images must not block the event loop
         batcher.stats.requests += 1
-        return {"rewards": (await batcher.score(rows, normalize)).tolist()}
+        if not options.attributes:
+            return {"rewards": (await batcher.score(rows, options.normalize)).tolist()}
+        rewards, named = await batcher.score(rows, options.normalize, attributes=True)
+        return {"rewards": rewards.tolist(), "attributes": {name: values.tolist() for name, values in named.items()}}
 
     @app.post("/score")
     async def score(request: Request) -> dict:
@@ -118,10 +193,7 @@ def _info(scorer: RewardScorer, settings: ServerSettings, checkpoint_dir: str | 
     normalization = None
     if scorer.reward_mean is not None and scorer.reward_std:
         normalization = {"reward_mean": float(scorer.reward_mean), "reward_std": float(scorer.reward_std)}
-    limits = {
-        name: getattr(settings, name)
-        for name in ("max_items", "max_images", "max_pixels_per_image", "max_body_bytes", "max_pending_items")
-    }
+    limits = {name: getattr(settings, name) for name in INFO_LIMITS}
     return {
         "checkpoint": str(Path(checkpoint_dir).resolve()),
         "step": checkpoint_step(checkpoint_dir),
@@ -129,25 +201,37 @@ def _info(scorer: RewardScorer, settings: ServerSettings, checkpoint_dir: str | 
         "normalize_default": settings.normalize,
         "limits": dict(limits, max_seq_length=scorer.max_seq_length, image_root=settings.image_root),
         "batching": {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms},
-        "model": {"device": str(scorer.device), "dtype": str(scorer.model.dtype), "packing": scorer.packing},
+        "model": {
+            "device": str(scorer.device),
+            "dtype": str(scorer.model.dtype),
+            "packing": scorer.packing,
+            "reward_attributes": None if scorer.attribute_names is None else list(scorer.attribute_names),
+        },
         "api_key_required": settings.api_key is not None,
         "stats": asdict(batcher.stats) | {"pending_items": batcher.pending_items},
     }
 
 
-def _add_error_handlers(app: FastAPI) -> None:
-    """Every error in one JSON shape, ``{"error", "item", "field"}``, 4xx for the client's mistakes."""
+def _add_error_handlers(app: FastAPI, drain_bytes: int) -> None:
+    """Every error in one JSON shape, ``{"error", "item", "field"}``, 4xx for the client's mistakes; a reply sent
+    before the body has all arrived reads the rest of it (``_ReplyBeforeBody``)."""
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError) -> JSONResponse:
         where = "" if error.item is None else f" item {error.item}"
         where += "" if error.field is None else f" field {error.field}"
         logger.info("%s %s -> %d%s: %s", request.method, request.url.path, error.status, where, error.message)
-        return error.response()
+        return _error_reply(request, error, drain_bytes)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:  # 404, 405
-        return RequestError(str(error.detail), status=error.status_code).response()
+        return _error_reply(request, RequestError(str(error.detail), status=error.status_code), drain_bytes)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnected(request: Request, error: ClientDisconnect) -> None:
+        # The client went away while sending its body: nobody to answer, and not the server's error. No response is
+        # sent (Starlette sends none for None), and uvicorn logs nothing for a disconnected client.
+        logger.info("%s %s: client disconnected before its body was complete", request.method, request.url.path)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:

@@ -3,7 +3,9 @@
 A request waits at most ``max_wait_ms`` for others to join it, up to ``max_batch_size`` items (a request is never
 split); the merged rows go to ``RewardScorer.score``, which puts rows with equal prompt and images under one prompt
 node, so the completions of one GRPO group sent as separate requests share one prompt and one pass of the image
-through the vision encoder. If a merged batch fails, each of its requests is scored alone.
+through the vision encoder. If a merged batch fails, each of its requests is scored alone. With attribute heads
+(``reward_attributes``) every forward returns each attribute's rewards too: a request that asked gets its share, and a
+normalised reward needs them (``RewardScorer.normalized``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +29,7 @@ class _Pending:
     rows: list[dict]
     normalize: bool
     future: asyncio.Future
+    attributes: bool = False
 
 
 @dataclass
@@ -60,14 +64,17 @@ class MicroBatcher:
             await asyncio.gather(self._task, return_exceptions=True)
         self._model_thread.shutdown(wait=True)  # a forward in progress finishes; nothing new starts
 
-    async def score(self, rows: list[dict], normalize: bool) -> np.ndarray:
+    async def score(
+        self, rows: list[dict], normalize: bool, attributes: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The rows' rewards, or with ``attributes`` ``(rewards, {attribute: rewards})``."""
         if self.pending_items + len(rows) > self.settings.max_pending_items:
             raise RequestError(
                 f"server busy: {self.pending_items} items waiting (--max_pending_items="
                 f"{self.settings.max_pending_items}); retry shortly",
                 status=503,
             )
-        pending = _Pending(rows, normalize, asyncio.get_running_loop().create_future())
+        pending = _Pending(rows, normalize, asyncio.get_running_loop().create_future(), attributes)
         self.pending_items += len(rows)
         try:
             self._queue.put_nowait(pending)
@@ -116,7 +123,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         rows = [row for pending in batch for row in pending.rows]
         try:
-            rewards = await loop.run_in_executor(self._model_thread, self._forward, rows)
+            rewards, named = await loop.run_in_executor(self._model_thread, self._forward, rows)
         except Exception:
             self.stats.failed_batches += 1
             logger.exception("scoring a micro-batch of %d requests failed", len(batch))
@@ -128,22 +135,31 @@ class MicroBatcher:
             return
         offset = 0
         for pending in batch:
-            own = rewards[offset : offset + len(pending.rows)]
+            own = slice(offset, offset + len(pending.rows))
             offset += len(pending.rows)
-            _resolve(pending, self.scorer.normalized(own) if pending.normalize else own)
+            own_rewards = rewards[own]
+            own_named = None if named is None else {name: values[own] for name, values in named.items()}
+            if pending.normalize:
+                own_rewards = self.scorer.normalized(own_rewards, own_named)
+                own_named = None if own_named is None else self.scorer.normalized_attributes(own_named)
+            _resolve(pending, (own_rewards, own_named) if pending.attributes else own_rewards)
 
-    def _forward(self, rows: list[dict]) -> np.ndarray:
-        """Runs in the model thread."""
-        rewards = self.scorer.score(rows, batch_size=self.settings.max_batch_size)
+    def _forward(self, rows: list[dict]) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+        """Runs in the model thread: the rewards, and each attribute's with attribute heads (else None)."""
+        named = None
+        if self.scorer.attribute_names is None:
+            rewards = self.scorer.score(rows, batch_size=self.settings.max_batch_size)
+        else:
+            rewards, named = self.scorer.score(rows, batch_size=self.settings.max_batch_size, attributes=True)
         if np.isnan(rewards).any():  # the parser checked every length against the scorer's own limit
             raise RuntimeError("the scorer returned NaN for a row the length check accepted")
         self.stats.batches += 1
         self.stats.items += len(rows)
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
-        return rewards
+        return rewards, named
 
 
-def _resolve(pending: _Pending, rewards: np.ndarray | None = None, exception: Exception | None = None) -> None:
+def _resolve(pending: _Pending, rewards: Any = None, exception: Exception | None = None) -> None:
     if pending.future.done():  # the client went away and its handler was cancelled
         return
     if exception is not None:

@@ -26,6 +26,11 @@ def _looks_like_image(data: bytes) -> bool:
     return data.startswith(IMAGE_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
+def _shown(value: str, limit: int = 80) -> str:
+    """A client's string in an error message, cut short: a megabyte of base64 must not come back in the reply."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+
+
 def _strict_base64(text: str) -> bytes | None:
     try:
         return base64.b64decode("".join(text.split()), validate=True)
@@ -70,21 +75,40 @@ class ImageDecoder:
                 "(the server was started without --image_root)",
                 item, field_name,
             )  # fmt: skip
-        return self._read_under_root(value, item, field_name)
+        # A short path can be valid base64 too ("img/cat1"), so a string that decodes to no image is still a path.
+        return self._read_under_root(value, item, field_name, is_base64=data is not None)
 
-    def _read_under_root(self, value: str, item: int, field_name: str) -> bytes:
+    def _read_under_root(self, value: str, item: int, field_name: str, is_base64: bool) -> bytes:
+        shown = _shown(value)
         candidate = Path(value) if Path(value).is_absolute() else self.root / value
         try:
             resolved = candidate.resolve()  # follows every symlink and `..`, so the check below sees the real file
         except (OSError, RuntimeError, ValueError) as error:  # a symlink loop, a NUL byte
-            raise RequestError(f"bad image path {value!r}: {error}", item, field_name) from error
+            raise RequestError(f"bad image path {shown}: {error}", item, field_name) from error
         if not resolved.is_relative_to(self.root):
-            raise RequestError(f"image path {value!r} is outside --image_root: refused", item, field_name)
-        if not resolved.is_file():
-            raise RequestError(f"image file not found under --image_root: {value!r}", item, field_name)
-        if resolved.stat().st_size > self.max_file_bytes:
-            raise RequestError(f"image file {value!r} is over {self.max_file_bytes} bytes", item, field_name)
-        return resolved.read_bytes()
+            raise RequestError(f"image path {shown} is outside --image_root: refused", item, field_name)
+        # Every file-system call below can raise OSError on what a client sends (ENAMETOOLONG for a long base64
+        # string taken as a path, EACCES, EIO): each is the client's bad value, a 400, never the server's 500.
+        try:
+            if not resolved.is_file():
+                if is_base64:
+                    raise RequestError(
+                        f"decodes as base64, but not to a PNG, JPEG, GIF, WebP, BMP or TIFF file, and is no image "
+                        f"file under --image_root either: {shown}",
+                        item, field_name,
+                    )  # fmt: skip
+                raise RequestError(f"image file not found under --image_root: {shown}", item, field_name)
+            if resolved.stat().st_size > self.max_file_bytes:
+                raise RequestError(f"image file {shown} is over {self.max_file_bytes} bytes", item, field_name)
+            return resolved.read_bytes()
+        except OSError as error:
+            if is_base64:
+                raise RequestError(
+                    f"decodes as base64, but not to a PNG, JPEG, GIF, WebP, BMP or TIFF file (and as an image path: "
+                    f"{error.strerror})",
+                    item, field_name,
+                ) from error  # fmt: skip
+            raise RequestError(f"cannot read image path {shown}: {error.strerror}", item, field_name) from error
 
     def _open(self, data: bytes, item: int, field_name: str) -> Image.Image:
         try:

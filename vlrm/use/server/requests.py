@@ -4,6 +4,7 @@
 and a response. ``/get_reward`` queries (OpenRLHF's remote reward) are full texts, split into prompt and response
 with ``prompts`` or at the last assistant header, the chat text read back into turns that must render to exactly that
 text. Every item's tokens are counted against ``max_seq_length`` here, before it is queued: nothing is truncated.
+Both bodies may ask ``"normalize"`` and, for a checkpoint with attribute heads, ``"attributes"`` (``ScoreOptions``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import copy
 import json
 import re
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from vlrm.data.rows import user_prompt
@@ -25,6 +27,15 @@ ROLES = ("system", "user", "assistant")
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 VISION_PLACEHOLDER = re.compile(r"<\|vision_start\|>(?:<\|image_pad\|>)+<\|vision_end\|>")
 TURN = re.compile(r"<\|im_start\|>(system|user|assistant)\n(.*?)<\|im_end\|>\n?", re.S)
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """What a request asks besides its rows: ``normalize`` the rewards, and add each attribute's rewards to the reply
+    (``attributes``; a checkpoint with ``reward_attributes``, ``vlrm.model.heads``)."""
+
+    normalize: bool = False
+    attributes: bool = False
 
 
 def _json_object(body: bytes, allowed: tuple[str, ...]) -> dict:
@@ -138,7 +149,8 @@ class RequestParser:
         self.tokenizer_lock = threading.Lock()
         self.images = ImageDecoder(settings.image_root, settings.max_pixels_per_image, settings.max_body_bytes)
         self.settings, self.max_seq_length = settings, scorer.max_seq_length
-        self.can_normalize = scorer.reward_mean is not None and bool(scorer.reward_std)
+        self.can_normalize = scorer.can_normalize
+        self.attribute_names = scorer.attribute_names
         tokenizer = self.encoder.tokenizer
         end_tokens = "|".join(
             map(re.escape, {self.encoder.end_of_turn, tokenizer.eos_token, tokenizer.pad_token} - {None})
@@ -150,10 +162,10 @@ class RequestParser:
         self.qwen_chat = self.encoder.end_of_turn == "<|im_end|>"
         self.chat_markers = sorted(set(tokenizer.all_special_tokens) - {None, ""}, key=len, reverse=True)
 
-    def score_request(self, body: bytes) -> tuple[list[dict], bool]:
-        payload = _json_object(body, ("items", "normalize"))
+    def score_request(self, body: bytes) -> tuple[list[dict], ScoreOptions]:
+        payload = _json_object(body, ("items", "normalize", "attributes"))
         items = self._list(payload, "items")
-        normalize = self._normalize(payload)
+        options = self._options(payload)
         rows = []
         for index, item in enumerate(items):
             if not isinstance(item, dict):
@@ -165,15 +177,15 @@ class RequestParser:
                 if name not in item:
                     raise RequestError("missing", index, name)
             rows.append(self._row(index, item["prompt"], item.get("images", []), item["response"]))
-        return rows, normalize
+        return rows, options
 
-    def get_reward_request(self, body: bytes) -> tuple[list[dict], bool]:
+    def get_reward_request(self, body: bytes) -> tuple[list[dict], ScoreOptions]:
         """OpenRLHF sends ``labels`` too; they are accepted and ignored (a reward model does not read them)."""
-        payload = _json_object(body, ("query", "prompts", "images", "labels", "normalize"))
+        payload = _json_object(body, ("query", "prompts", "images", "labels", "normalize", "attributes"))
         queries = self._list(payload, "query")
         prompts = self._parallel_list(payload, "prompts", len(queries))
         images = self._parallel_list(payload, "images", len(queries))
-        normalize = self._normalize(payload)
+        options = self._options(payload)
         rows = []
         for index, query in enumerate(queries):
             prompt = None if prompts is None else _text(prompts[index], index, "prompts")
@@ -192,7 +204,7 @@ class RequestParser:
                 prompt_value = prompt_text  # a plain question
             image_values = [] if images is None else images[index]
             rows.append(self._row(index, prompt_value, image_values, response, prompt_field, "query"))
-        return rows, normalize
+        return rows, options
 
     def _chat_prompt(self, prompt_text: str, item: int, field_name: str) -> list[dict]:
         """Messages that the checkpoint's chat template renders back to exactly the text sent: the reward is then
@@ -230,6 +242,17 @@ class RequestParser:
         if not isinstance(value, list) or len(value) != length:
             raise RequestError(f"expected a list of {length} entries, one per query", field=name)
         return value
+
+    def _options(self, payload: dict) -> ScoreOptions:
+        attributes = payload.get("attributes", False)
+        if not isinstance(attributes, bool):
+            raise RequestError(f"expected true or false, got {kind_of(attributes)}", field="attributes")
+        if attributes and self.attribute_names is None:
+            raise RequestError(
+                "this checkpoint has no attribute heads (reward_attributes in its config): ask without attributes",
+                field="attributes",
+            )
+        return ScoreOptions(self._normalize(payload), attributes)
 
     def _normalize(self, payload: dict) -> bool:
         value = payload.get("normalize", self.settings.normalize)

@@ -53,6 +53,14 @@ class ServerSettings:
     max_body_bytes: int = field(
         default=64 * 2**20, metadata={"help": "Largest request body in bytes, and largest image file read."}
     )
+    max_drain_bytes: int = field(
+        default=256 * 2**20,
+        metadata={
+            "help": "Most bytes of a request body read and discarded after an error reply that went out before the "
+            "body was read (413 over --max_body_bytes, 401, 404), so that a client still sending reads the reply "
+            "instead of a connection reset; 0: close at once."
+        },
+    )
     max_pending_items: int = field(
         default=1024, metadata={"help": "Most items queued or being scored; beyond it requests get 503 (retry)."}
     )
@@ -61,6 +69,8 @@ class ServerSettings:
         for name in ("max_batch_size", "max_items", "max_images", "max_pixels_per_image", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_drain_bytes < 0:
+            raise ValueError(f"max_drain_bytes must be >= 0, got {self.max_drain_bytes}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.max_pending_items < self.max_items:
@@ -93,6 +103,12 @@ def require_reward_stats(checkpoint_dir: str | Path) -> tuple[float, float]:
     mean, std = config.get("reward_mean"), config.get("reward_std")
     if mean is None or not std:
         raise ValueError(f"{checkpoint_dir}: {NO_REWARD_STATS}: serve without --normalize")
+    attributes, stds = config.get("reward_attributes"), config.get("reward_attribute_std")
+    if attributes and (not stds or len(stds) != len(attributes) or not all(stds)):  # each normalised by its own
+        raise ValueError(
+            f"{checkpoint_dir}: its attribute heads {attributes} have no reward_attribute_mean/reward_attribute_std "
+            "in config.json, so their rewards cannot be normalised: serve without --normalize"
+        )
     return float(mean), float(std)
 
 
