@@ -69,6 +69,7 @@ from transformers import HfArgumentParser
 
 from vlrm.data.benchmarks import REFERENCE_RESULTS
 from vlrm.data.prepare import load_preference_dataset
+from vlrm.data.videos import VideoSettings
 from vlrm.errors import CheckpointError, ConfigError
 from vlrm.layout.encoder import PreferenceEncoder, apply_pixel_limits
 from vlrm.metrics import (
@@ -94,7 +95,8 @@ logger = logging.getLogger("vlrm.eval")
 RESULT_KEY = ("model_dir", "checkpoint", "dataset_path", "max_eval_samples")
 RESULT_SETTINGS = (
     "dtype", "seed", "min_pixels", "max_pixels", "num_irrelevant_pairs", "irrelevant_mode", "max_seq_length",
-    "on_bad_sample", "benchmark",
+    "on_bad_sample", "benchmark", "video_fps", "video_max_frames", "video_min_pixels", "video_max_pixels",
+    "video_total_pixels",
 )  # fmt: skip
 # CSV column order: these first, then per-category accuracies, then any other metric a row carries (so one added
 # later, such as the irrelevant-query metrics, reaches the CSV and the JSON with no change here), then bookkeeping.
@@ -255,7 +257,9 @@ def length_encoder(checkpoints: list, config: EvalConfig) -> PreferenceEncoder |
         except (CheckpointError, OSError, ValueError):
             continue
         apply_pixel_limits(processor, config.min_pixels, config.max_pixels)
-        return PreferenceEncoder(processor)
+        config_file = Path(checkpoint.path) / "config.json"  # full and LoRA checkpoints alike
+        recorded = json.loads(config_file.read_text()).get("vlrm_video_sampling") if config_file.is_file() else None
+        return PreferenceEncoder(processor, VideoSettings.from_values(recorded, **config.video_overrides()))
     return None
 
 
@@ -545,7 +549,7 @@ def evaluate_checkpoint(config: EvalConfig, model_dir: str, checkpoint: Any, eva
             checkpoint.path, base_model_path=config.base_model_path, dtype=config.dtype,
             attn_implementation=config.attn_implementation, min_pixels=config.min_pixels,
             max_pixels=config.max_pixels, packing=config.packing, max_seq_length=config.max_seq_length,
-            reuse=previous, **scorer_placement(config, ranks),
+            reuse=previous, video_settings=config.video_overrides(), **scorer_placement(config, ranks),
         )  # fmt: skip
     except Exception as failure:  # a corrupt or incomplete checkpoint must not end the sweep
         logger.error(

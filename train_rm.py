@@ -30,6 +30,7 @@ import transformers
 from transformers import AutoConfig, AutoProcessor, set_seed
 
 from vlrm.data.prepare import branch_lengths, contiguous_sample, peak_memory_gb, prepare_training_data
+from vlrm.data.videos import VideoSettings
 from vlrm.layout.attention import enable_packed_attention
 from vlrm.layout.encoder import PreferenceEncoder, apply_pixel_limits
 from vlrm.layout.packed import make_collator, row_tokens
@@ -81,7 +82,8 @@ set_seed(config.seed)
 # ----------------------------------------------------------------------------------------------------------------
 # Processor and data
 
-family = family_of(AutoConfig.from_pretrained(config.model_name_or_path))
+base_config = AutoConfig.from_pretrained(config.model_name_or_path)
+family = family_of(base_config)
 if config.packing and not family.packed:
     logger.warning(
         "%s (%s): no packed layout, training with the padded layout (%s)", config.model_name_or_path, family.title,
@@ -90,7 +92,10 @@ if config.packing and not family.packed:
     config.packing = False
 processor = AutoProcessor.from_pretrained(config.model_name_or_path)
 apply_pixel_limits(processor, config.min_pixels, config.max_pixels)  # saved with every checkpoint
-encoder = PreferenceEncoder(processor)
+# Video sampling (vlrm.data.videos): the config's video_* keys over what the model records (a vlrm checkpoint trained
+# further), else qwen-vl-utils' defaults; recorded in the model's config, so every consumer samples videos the same way.
+video_settings = VideoSettings.from_values(getattr(base_config, "vlrm_video_sampling", None), **config.video_overrides())
+encoder = PreferenceEncoder(processor, video_settings)
 if family.end_of_turn and encoder.end_of_turn != family.end_of_turn:
     logger.warning(
         "the chat template ends assistant turns with %r, not %s's %r: rewards are read at %r", encoder.end_of_turn,
@@ -141,6 +146,7 @@ model = VLRewardModel.from_pretrained(
     config.model_name_or_path, attn_implementation=config.attn_implementation, dtype=dtype, **own_config
 )
 model.config.pad_token_id = encoder.pad_token_id
+model.config.vlrm_video_sampling = video_settings.identity()
 if config.freeze_vit:
     model.freeze_vision_tower()
 if config.packing:

@@ -21,9 +21,10 @@ COMMANDS = ("prepare", "export", "synthetic", "tiny")
 def prepare(argv: list[str]) -> int:
     """``python -m vlrm prepare CONFIG [--key value ...]``: prepare a training config's data into the cache (the same
     cache ``train_rm.py`` reads, under the same key), e.g. before a cluster job."""
-    from transformers import AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
 
     from vlrm.data.prepare import prepare_training_data
+    from vlrm.data.videos import VideoSettings
     from vlrm.layout.encoder import PreferenceEncoder, apply_pixel_limits
     from vlrm.train.config import TrainConfig
     from vlrm.train.config_files import load_config
@@ -35,7 +36,9 @@ def prepare(argv: list[str]) -> int:
     config = load_config(TrainConfig, arguments.config, overrides)
     processor = AutoProcessor.from_pretrained(config.model_name_or_path)
     apply_pixel_limits(processor, config.min_pixels, config.max_pixels)
-    train, evaluation = prepare_training_data(config, PreferenceEncoder(processor))
+    recorded = getattr(AutoConfig.from_pretrained(config.model_name_or_path), "vlrm_video_sampling", None)
+    video_settings = VideoSettings.from_values(recorded, **config.video_overrides())
+    train, evaluation = prepare_training_data(config, PreferenceEncoder(processor, video_settings))
     logging.getLogger("vlrm").info(
         "prepared %d training and %d eval pairs", len(train), 0 if evaluation is None else len(evaluation)
     )

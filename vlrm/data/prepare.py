@@ -10,14 +10,16 @@ cached under a key of everything that changes it, and reused by every later run 
 One preparation of one source, in ``num_proc`` processes (``datasets.Dataset.from_generator``, one shard each): read
 the drawn rows (streamed, see ``vlrm.data.sources.RawRows``), map each onto the canonical row, decode every image once
 to check it (it stays encoded, bytes or path: images are decoded again only in the collator, which may run in
-DataLoader workers), count its tokens (prompt with visual tokens, chosen, rejected), and leave out bad rows (an error
+DataLoader workers), decode and sample every video once (``vlrm.data.videos``: its sampled frames are stored in the
+row, PNG-encoded, so no epoch and no rank decodes a video again), count its tokens (prompt with visual tokens, chosen, rejected), and leave out bad rows (an error
 naming file, row and field, or a counted skip) and pairs longer than ``max_seq_length`` (counted, never truncated). The
 rows are written in batches of ``WRITER_BATCH_ROWS``, so no process holds more than a few batches of images: memory
 does not grow with the data set.
 
 The cache. ``cache_dir/<source name>-<key>/`` holds the Arrow files and ``vlrm_prepared.json`` (the report). The key
 hashes the source's identity (each file's path, size, mtime and content hash; a hub dataset's fingerprint), the
-processor (tokenizer, chat template, image processor with its pixel limits), ``on_bad_sample``, ``max_seq_length``
+processor (tokenizer, chat template, image processor with its pixel limits, video processor and the ``video_*``
+sampling settings), ``on_bad_sample``, ``max_seq_length``
 and the drawn rows (so the sample limits, weights and seed). Image files named by path are not part of it: after
 editing images in place, delete the cache dir. A build goes to a temporary dir renamed into place when complete,
 under a file lock: a crashed build leaves nothing that looks finished, and two processes (say, the first rank of two
@@ -50,6 +52,7 @@ import numpy as np
 from filelock import FileLock
 
 from vlrm.data.images import resolve_image
+from vlrm.data.videos import sample_video, stored_video
 from vlrm.data.rankings import responses_of
 from vlrm.data.rows import CANONICAL_FEATURES, images_key, map_row
 from vlrm.data.sources import RawRows
@@ -57,7 +60,7 @@ from vlrm.errors import BadSampleError, RowProblem, UnsupportedRow
 
 logger = logging.getLogger(__name__)
 
-PREPARE_VERSION = 3  # bump when a prepared row changes meaning: every cache entry is rebuilt (3: N-way rows)
+PREPARE_VERSION = 4  # bump when a prepared row changes meaning: every cache entry is rebuilt (4: videos)
 WRITER_BATCH_ROWS = 64  # rows buffered per Arrow write: bounds each worker's memory whatever the image sizes
 AUTO_PARALLEL_ROWS = 2000  # below this many rows, starting worker processes costs more than it saves
 MAX_REASONS = 20  # bad and over-long rows listed by name in a report (all are counted)
@@ -190,6 +193,10 @@ def processor_identity(encoder: Any) -> str:
         encoder.end_of_turn,
         json.dumps(encoder.processor.image_processor.to_dict(), sort_keys=True, default=str),
     ]
+    video_processor = getattr(encoder.processor, "video_processor", None)
+    if video_processor is not None:  # how videos are sampled and turned into tokens
+        parts.append(json.dumps(video_processor.to_dict(), sort_keys=True, default=str))
+        parts.append(json.dumps(encoder.video_settings.identity(), sort_keys=True))
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
@@ -206,12 +213,16 @@ def prepared_row(raw: Any, index: int, rows: RawRows, encoder: Any, benchmark: s
     row = map_row(raw, benchmark)
     resolved = [resolve_image(image, rows.base_dir) for image in row["images"]]
     row["images"] = [image for image, _ in resolved]
+    # Each video decoded and sampled here, once; its frames are stored with the row (vlrm.data.videos).
+    video_settings, factor = (encoder.video_settings, encoder.video_factor) if encoder is not None else (None, 28)
+    videos = [sample_video(video, video_settings, factor, rows.base_dir) for video in row["videos"]]
+    row["videos"] = videos
     given_id = raw.get("id", raw.get("idx", raw.get("ID")))  # RLAIF-V names it idx, Multimodal RewardBench ID
     row["id"] = str(given_id) if given_id is not None else f"{rows.stem}-{index}"
     if row["group"] is not None:  # pairs of a group share the source's id: each pair gets its own
         row["id"] = f"{row['id']}#{index}"
     row["source"] = rows.source
-    row["images_key"] = images_key(row["prompt"], row["images"])
+    row["images_key"] = images_key(row["prompt"], row["images"], videos)
     row.update(dict.fromkeys(LENGTH_COLUMNS), response_lengths=None)
     if encoder is not None:
         prompt, responses = encoder.branch_lengths(row, [size for _, size in resolved])
@@ -223,6 +234,7 @@ def prepared_row(raw: Any, index: int, rows: RawRows, encoder: Any, benchmark: s
         row.update(prompt_length=prompt, chosen_length=chosen, rejected_length=rejected)
         if row["responses"] is not None:
             row["response_lengths"] = responses
+    row["videos"] = [stored_video(video) for video in videos]
     return row
 
 
@@ -501,23 +513,29 @@ def contiguous_sample(num_rows: int, count: int, seed: int, runs: int = SAMPLE_R
 
 
 def row_kinds(dataset: datasets.Dataset) -> dict[str, dict[str, int]]:
-    """Per source: rows with images, text-only rows (no image: no vision forward) and rows of N responses; counted
-    on Arrow batches from the columns' list lengths, no image read."""
+    """Per source: rows with images, rows with videos, text-only rows (no image or video: no vision forward) and rows
+    of N responses; counted on Arrow batches from the columns' list lengths, no image or frame read."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     kinds: dict[str, dict[str, int]] = {}
-    columns = dataset.select_columns(["source", "images", "responses"]).with_format("arrow")
+    columns = dataset.select_columns(["source", "images", "videos", "responses"]).with_format("arrow")
     for batch in columns.iter(batch_size=65536):
+        with_images = pc.greater(pc.fill_null(pc.list_value_length(batch.column("images")), 0), 0)
+        with_videos = pc.greater(pc.fill_null(pc.list_value_length(batch.column("videos")), 0), 0)
         counts = pa.table({
             "source": batch.column("source"),
-            "with_images": pc.greater(pc.fill_null(pc.list_value_length(batch.column("images")), 0), 0),
+            "with_images": with_images,
+            "with_videos": with_videos,
+            "text_only": pc.invert(pc.or_(with_images, with_videos)),
             "ranking": pc.is_valid(batch.column("responses")),
-        }).group_by("source").aggregate([("with_images", "sum"), ("with_images", "count"), ("ranking", "sum")])  # fmt: skip
+        }).group_by("source").aggregate([("with_images", "sum"), ("with_videos", "sum"), ("text_only", "sum"),
+                                         ("ranking", "sum")])  # fmt: skip
         for row in counts.to_pylist():
-            kind = kinds.setdefault(row["source"], {"images": 0, "text_only": 0, "rankings": 0})
+            kind = kinds.setdefault(row["source"], {"images": 0, "videos": 0, "text_only": 0, "rankings": 0})
             kind["images"] += row["with_images_sum"]
-            kind["text_only"] += row["with_images_count"] - row["with_images_sum"]
+            kind["videos"] += row["with_videos_sum"]
+            kind["text_only"] += row["text_only_sum"]
             kind["rankings"] += row["ranking_sum"]
     return kinds
 
@@ -571,10 +589,10 @@ def prepare_training_data(config: Any, encoder: Any) -> tuple[datasets.Dataset, 
             counts = ", ".join(f"{report.source}: {report.rows_kept}" for report in reports)
             logger.info("mixture of %d sources, %d pairs (%s)", len(reports), len(dataset), counts)
         kinds = row_kinds(dataset)
-        if any(kind["text_only"] or kind["rankings"] for kind in kinds.values()):
+        if any(kind["text_only"] or kind["rankings"] or kind["videos"] for kind in kinds.values()):
             logger.info("%s rows by kind: %s", split, "; ".join(
-                f"{source}: {kind['images']} with images, {kind['text_only']} text-only, {kind['rankings']} of N "
-                "responses" for source, kind in kinds.items()
+                f"{source}: {kind['images']} with images, {kind['videos']} with videos, {kind['text_only']} "
+                f"text-only, {kind['rankings']} of N responses" for source, kind in kinds.items()
             ))  # fmt: skip
         return dataset
 

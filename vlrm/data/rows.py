@@ -14,7 +14,9 @@ Accepted layouts:
   and a tie on a pair (``vlrm.data.rankings``)
 
 Images may be paths (relative to the data file), PIL images, raw bytes or ``{"bytes": ..., "path": ...}`` dicts
-(checked by ``vlrm.data.images``). Optional fields: ``id``, ``margin``, ``category``. A row that cannot be used raises
+(checked by ``vlrm.data.images``). Videos (``videos``, or ``video`` as LLaVA-Video / ShareGPT rows name it) may be
+paths, bytes or lists of frame images, placed by ``{"type": "video"}`` parts or ``<video>`` markers; images and videos
+mix in one prompt, each list in its order of appearance (sampled by ``vlrm.data.videos``). Optional fields: ``id``, ``margin``, ``category``. A row that cannot be used raises
 ``RowProblem`` naming the field; the caller adds the file and the row index (``BadSampleError``), or, with
 ``on_bad_sample="skip"``, drops and counts it.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 import datasets
@@ -33,6 +36,17 @@ from vlrm.errors import RowProblem
 
 QUESTION_KEYS = ("question", "prompt", "query")
 IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"
+MEDIA_MARKERS = {IMAGE_MARKER: "image", VIDEO_MARKER: "video"}
+
+# A sampled video (vlrm.data.videos.sample_video): its frames stored once, as the processor will receive them.
+VIDEO_FEATURE = {
+    "frames": datasets.List(datasets.Image()),
+    "fps": datasets.Value("float32"),
+    "frames_indices": datasets.List(datasets.Value("int32")),
+    "total_num_frames": datasets.Value("int32"),
+    "key": datasets.Value("string"),
+}
 
 # Arrow schema of a canonical row. Message content is always a list of parts so that every row has the same type.
 CANONICAL_FEATURES = datasets.Features(
@@ -45,6 +59,7 @@ CANONICAL_FEATURES = datasets.Features(
             }
         ),
         "images": datasets.List(datasets.Image()),
+        "videos": datasets.List(VIDEO_FEATURE),
         "chosen": datasets.Value("string"),
         "rejected": datasets.Value("string"),
         "margin": datasets.Value("float32"),
@@ -101,18 +116,20 @@ def _assistant_text(value: Any, field_name: str) -> str:
     return _text("".join(texts), field_name)
 
 
-def user_prompt(question: str, num_images: int) -> list[dict]:
-    """A single user turn; ``<image>`` markers place the images, else they go before the text."""
+def user_prompt(question: str, num_images: int, num_videos: int = 0) -> list[dict]:
+    """A single user turn; ``<image>`` / ``<video>`` markers place the media, else the videos and then the images go
+    before the text."""
     parts: list[dict] = []
-    if IMAGE_MARKER in question:
-        pieces = question.split(IMAGE_MARKER)
-        for index, piece in enumerate(pieces):
-            if index > 0:
-                parts.append({"type": "image", "text": None})
-            if piece.strip():
+    pieces = re.split("(" + "|".join(map(re.escape, MEDIA_MARKERS)) + ")", question)
+    if len(pieces) > 1:
+        for piece in pieces:
+            if piece in MEDIA_MARKERS:
+                parts.append({"type": MEDIA_MARKERS[piece], "text": None})
+            elif piece.strip():
                 parts.append({"type": "text", "text": piece.strip("\n")})
     else:
-        parts = [{"type": "image", "text": None} for _ in range(num_images)]
+        parts = [{"type": "video", "text": None} for _ in range(num_videos)]
+        parts += [{"type": "image", "text": None} for _ in range(num_images)]
         parts.append({"type": "text", "text": question})
     return [{"role": "user", "content": parts}]
 
@@ -129,8 +146,8 @@ def _normalise_messages(messages: list, field_name: str) -> list[dict]:
             parts = []
             for part in _as_list(content):
                 kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "image":
-                    parts.append({"type": "image", "text": None})
+                if kind in ("image", "video"):
+                    parts.append({"type": kind, "text": None})
                 elif kind == "text":
                     parts.append({"type": "text", "text": part.get("text") or ""})
                 else:
@@ -160,21 +177,25 @@ def map_row(raw: dict[str, Any], benchmark: str | None = None) -> dict[str, Any]
     elif kind == benchmarks.MM_RLHF_REWARDBENCH:
         raw = benchmarks.mm_rlhf_fields(raw)
     images = _as_list(raw.get("images", raw.get("image", raw.get("img_path"))))
+    videos = raw.get("videos", raw.get("video"))
+    videos = [videos] if isinstance(videos, (str, bytes, dict)) else _as_list(videos)
+    media = (len(images), len(videos))
     if rankings.is_ranking_row(raw):  # N responses with ranks, scores or ratings (VLFeedback, ranked lists)
-        pair = {"prompt": _question_prompt(raw, len(images)), **rankings.ranking_labels(raw)}
+        pair = {"prompt": _question_prompt(raw, media), **rankings.ranking_labels(raw)}
     elif "conversations" in raw:  # LLaVA / POVID
-        pair = _llava_pair(raw, len(images))
+        pair = _llava_pair(raw, media)
     elif "response" in raw and "human_ranking" in raw:  # VL-RewardBench
-        pair = _vl_rewardbench_pair(raw, len(images))
+        pair = _vl_rewardbench_pair(raw, media)
     else:
-        pair = _chosen_rejected_pair(raw, len(images))
+        pair = _chosen_rejected_pair(raw, media)
     prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
     tie = None if pair.get("responses") is not None else rankings.pair_tie(raw)
     if chosen.strip() == rejected.strip() and pair.get("responses") is None:
         raise RowProblem("rejected", "identical to chosen: no preference to learn")
-    num_image_parts = sum(part["type"] == "image" for message in prompt for part in message["content"])
-    if num_image_parts != len(images):
-        raise RowProblem("images", f"{len(images)} images but {num_image_parts} image places in the prompt")
+    for kind, given in (("image", images), ("video", videos)):
+        places = sum(part["type"] == kind for message in prompt for part in message["content"])
+        if places != len(given):
+            raise RowProblem(f"{kind}s", f"{len(given)} {kind}s but {places} {kind} places in the prompt")
     margin = raw.get("margin")
     if margin is not None and not isinstance(margin, (int, float)):
         raise RowProblem("margin", f"expected a number, got {type(margin).__name__}")
@@ -182,6 +203,7 @@ def map_row(raw: dict[str, Any], benchmark: str | None = None) -> dict[str, Any]
     return {
         "prompt": prompt,
         "images": images,
+        "videos": videos,
         "chosen": chosen,
         "rejected": rejected,
         "margin": None if margin is None else float(margin),
@@ -194,16 +216,16 @@ def map_row(raw: dict[str, Any], benchmark: str | None = None) -> dict[str, Any]
     }
 
 
-def _llava_pair(raw: dict[str, Any], num_images: int) -> dict[str, Any]:
+def _llava_pair(raw: dict[str, Any], media: tuple[int, int]) -> dict[str, Any]:
     question, chosen = _llava_turns(raw["conversations"], "conversations")
     if "rejected_conversations" in raw:
         _, rejected = _llava_turns(raw["rejected_conversations"], "rejected_conversations")
     else:
         rejected = _assistant_text(raw.get("rejected"), "rejected")
-    return {"prompt": user_prompt(question, num_images), "chosen": chosen, "rejected": rejected}
+    return {"prompt": user_prompt(question, *media), "chosen": chosen, "rejected": rejected}
 
 
-def _vl_rewardbench_pair(raw: dict[str, Any], num_images: int) -> dict[str, Any]:
+def _vl_rewardbench_pair(raw: dict[str, Any], media: tuple[int, int]) -> dict[str, Any]:
     responses, ranking = _as_list(raw["response"]), _as_list(raw["human_ranking"])
     if len(responses) != 2 or len(ranking) != 2:
         raise RowProblem("response", "VL-RewardBench rows need two responses and two ranks")
@@ -212,7 +234,7 @@ def _vl_rewardbench_pair(raw: dict[str, Any], num_images: int) -> dict[str, Any]
     best = 0 if ranking[0] < ranking[1] else 1
     category = raw.get("category")
     return {
-        "prompt": user_prompt(_text(raw.get("query"), "query"), num_images),
+        "prompt": user_prompt(_text(raw.get("query"), "query"), *media),
         "chosen": _text(responses[best], "response"),
         "rejected": _text(responses[1 - best], "response"),
         "preferred_position": best,
@@ -220,37 +242,37 @@ def _vl_rewardbench_pair(raw: dict[str, Any], num_images: int) -> dict[str, Any]
     }
 
 
-def _chosen_rejected_pair(raw: dict[str, Any], num_images: int) -> dict[str, Any]:
+def _chosen_rejected_pair(raw: dict[str, Any], media: tuple[int, int]) -> dict[str, Any]:
     if "chosen" not in raw:
         raise RowProblem("chosen", "missing (no known layout matched the row's fields: " + ", ".join(raw) + ")")
     if "rejected" not in raw:
         raise RowProblem("rejected", "missing")
     chosen = _assistant_text(raw["chosen"], "chosen")
     rejected = _assistant_text(raw["rejected"], "rejected")
-    return {"prompt": _question_prompt(raw, num_images), "chosen": chosen, "rejected": rejected}
+    return {"prompt": _question_prompt(raw, media), "chosen": chosen, "rejected": rejected}
 
 
-def _question_prompt(raw: dict[str, Any], num_images: int) -> list[dict]:
+def _question_prompt(raw: dict[str, Any], media: tuple[int, int]) -> list[dict]:
     """The prompt of a row that asks its question in ``question`` / ``prompt`` / ``query``: a string, or messages."""
     question_key = next((key for key in QUESTION_KEYS if key in raw), None)
     if question_key is None:
         raise RowProblem("question", f"missing: one of {', '.join(QUESTION_KEYS)} is needed")
     question = raw[question_key]
     if isinstance(question, str):
-        return user_prompt(_text(question, question_key), num_images)
+        return user_prompt(_text(question, question_key), *media)
     if isinstance(question, (list, tuple)) or hasattr(question, "tolist"):
         return _normalise_messages(_as_list(question), question_key)
     kind = "null" if question is None else type(question).__name__
     raise RowProblem(question_key, f"expected a question string or a list of messages, got {kind}")
 
 
-def images_key(prompt: list[dict], images: list[dict]) -> str:
-    """What makes two prompts the same to the irrelevant-query sampler: their images, or their text when they have
-    none (``vlrm.train.irrelevant``)."""
-    if images:
+def images_key(prompt: list[dict], images: list[dict], videos: list[dict] | None = None) -> str:
+    """What makes two prompts the same to the irrelevant-query sampler: their images and videos, or their text when
+    they have none (``vlrm.train.irrelevant``)."""
+    if images or videos:
         keys = [
             hashlib.sha1(image["bytes"]).hexdigest() if image.get("bytes") is not None else str(image["path"])
             for image in images
-        ]
+        ] + [video["key"] for video in videos or []]
         return "images:" + hashlib.sha1("\x00".join(keys).encode()).hexdigest()
     return "text:" + hashlib.sha1(json.dumps(prompt, sort_keys=True).encode()).hexdigest()

@@ -12,11 +12,13 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from vlrm.data.images import to_rgb
 from vlrm.data.rankings import responses_of
+from vlrm.data.videos import DEFAULT_FACTOR, VideoSettings, frames_array, sample_video
 
 
 def open_image_header(image: Any) -> Image.Image:
@@ -62,6 +64,25 @@ class EncodedPrompt:
     input_ids: list[int]
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+    second_per_grid_ts: torch.Tensor | None = None  # Qwen2.5-VL: seconds per temporal patch, one per video
+
+
+def video_metadata(video: dict) -> Any:
+    """The ``VideoMetadata`` the processor computes a video's timestamps from: the source fps and the sampled frame
+    numbers (``vlrm.data.videos``)."""
+    from transformers.video_utils import VideoMetadata
+
+    frames = video["frames"]
+    first = frames[0] if isinstance(frames[0], Image.Image) else Image.fromarray(np.asarray(frames[0]))
+    return VideoMetadata(
+        total_num_frames=int(video["total_num_frames"]),
+        fps=float(video["fps"]),
+        frames_indices=list(video["frames_indices"]),
+        width=first.width,
+        height=first.height,
+    )
 
 
 class PreferenceEncoder:
@@ -77,34 +98,80 @@ class PreferenceEncoder:
     tensors (``token_type_ids``, ``image_sizes``, ...) passed to the model as they come.
     """
 
-    def __init__(self, processor: Any):
+    def __init__(self, processor: Any, video_settings: VideoSettings | None = None):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.grid_images = getattr(getattr(processor, "image_processor", None), "merge_size", None) is not None
         self.end_of_turn = chat_end_of_turn(processor)
         self.image_token_id = getattr(processor, "image_token_id", None) if self.grid_images else None
+        self.video_token_id = getattr(processor, "video_token_id", None) if self.grid_images else None
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
             self.pad_token_id = self.tokenizer.convert_tokens_to_ids(self.end_of_turn)
         self._image_expansion: dict[tuple[int, int], int] = {}
+        self.video_settings = video_settings or VideoSettings()
+        video_processor = getattr(processor, "video_processor", None)
+        self.video_factor = (
+            video_processor.patch_size * video_processor.merge_size
+            if getattr(video_processor, "merge_size", None)
+            else DEFAULT_FACTOR
+        )
+        self._video_expansion: dict[tuple, int] = {}
+
+    def sample_video(self, video: Any) -> dict:
+        """A video value sampled with this encoder's settings and its family's patch factor (``vlrm.data.videos``);
+        an already sampled video as it is."""
+        return sample_video(video, self.video_settings, self.video_factor)
+
+    def mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """1 on image tokens, 2 on video tokens, 0 elsewhere: what ``get_rope_index`` groups a prompt by."""
+        types = (input_ids == self.image_token_id).long()
+        if self.video_token_id is not None:
+            types = types + 2 * (input_ids == self.video_token_id).long()
+        return types
 
     def prompt_text(self, prompt: list[dict]) -> str:
         return self.processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
-    def encode_prompt(self, prompt: list[dict], images: list) -> EncodedPrompt:
+    def encode_prompt(self, prompt: list[dict], images: list, videos: list | None = None) -> EncodedPrompt:
         text = self.prompt_text(prompt)
-        if not images:
+        if not images and not videos:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             return EncodedPrompt(ids, None, None)
         if not self.grid_images:
             raise ValueError(
                 f"{type(self.processor).__name__} has no Qwen-style image grid: its prompts go through "
-                "pad_with_processor (the padded layout)"
+                "pad_with_processor (the padded layout)" + ("; videos need a Qwen-style processor" if videos else "")
             )
-        encoded = self.processor(
-            text=[text], images=[open_image(image) for image in images], return_tensors="pt", add_special_tokens=False
+        arguments: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
+        if images:
+            arguments["images"] = [open_image(image) for image in images]
+        if videos:
+            arguments.update(self.video_arguments(videos))
+        encoded = self.processor(**arguments)
+        return EncodedPrompt(
+            encoded["input_ids"][0].tolist(),
+            encoded.get("pixel_values"),
+            encoded.get("image_grid_thw"),
+            encoded.get("pixel_values_videos"),
+            encoded.get("video_grid_thw"),
+            _as_tensor(encoded.get("second_per_grid_ts")),
         )
-        return EncodedPrompt(encoded["input_ids"][0].tolist(), encoded["pixel_values"], encoded.get("image_grid_thw"))
+
+    def video_arguments(self, videos: list) -> dict[str, Any]:
+        """The processor's video arguments: the sampled frames as they are (``do_sample_frames=False``,
+        ``do_resize=False``: ``vlrm.data.videos`` sampled and sized them as qwen-vl-utils does, to multiples of the
+        patch factor) and their metadata, from which the processor computes timestamps."""
+        sampled = [self.sample_video(video) for video in videos]
+        return {
+            "videos": [frames_array(video) for video in sampled],
+            "videos_kwargs": {
+                "video_metadata": [video_metadata(video) for video in sampled],
+                "do_sample_frames": False,
+                "do_resize": False,  # for the videos only: images are resized by the processor as always
+                "cap_pixels_per_frame": False,  # capped already, by qwen-vl-utils' rule (vlrm.data.videos)
+            },
+        }
 
     def encode_response(self, text: str) -> list[int]:
         return self.tokenizer(text + self.end_of_turn, add_special_tokens=False)["input_ids"]
@@ -137,17 +204,33 @@ class PreferenceEncoder:
             lengths = [len(encoding.ids) for encoding in backend.encode_batch(texts, False)]
         else:
             lengths = list(map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"]))
-        return lengths[0] + self._visual_extra(image_sizes or row["images"]), lengths[1:]
+        return lengths[0] + self._visual_extra(image_sizes or row["images"], row.get("videos")), lengths[1:]
 
-    def prompt_length(self, prompt: list[dict], images: list) -> int:
-        """Tokens of a rendered prompt, visual tokens included (images, or their (width, height) sizes)."""
+    def prompt_length(self, prompt: list[dict], images: list, videos: list | None = None) -> int:
+        """Tokens of a rendered prompt, visual tokens included (images, or their (width, height) sizes; videos)."""
         text_ids = self.tokenizer(self.prompt_text(prompt), add_special_tokens=False)["input_ids"]
-        return len(text_ids) + self._visual_extra(images)
+        return len(text_ids) + self._visual_extra(images, videos)
 
-    def _visual_extra(self, images: list) -> int:
-        # The rendered prompt holds one placeholder per image; the processor expands it to the image's tokens.
+    def video_expansion(self, video: dict) -> int:
+        """Tokens a sampled video adds to a rendered prompt beyond its placeholder (its visual tokens and, for
+        Qwen3-VL and Qwen3.5, its timestamps): measured once per frame count, size and timing on blank frames (a
+        video's tokens never depend on its pixels)."""
+        metadata = video_metadata(video)
+        key = (len(video["frames"]), metadata.width, metadata.height, metadata.fps, tuple(metadata.frames_indices))
+        if key not in self._video_expansion:
+            text = self.prompt_text([{"role": "user", "content": [{"type": "video"}]}])
+            blank = {**video, "frames": [Image.new("RGB", (metadata.width, metadata.height))] * key[0]}
+            expanded = self.processor(text=[text], add_special_tokens=False, **self.video_arguments([blank]))
+            self._video_expansion[key] = len(expanded["input_ids"][0]) - len(
+                self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            )
+        return self._video_expansion[key]
+
+    def _visual_extra(self, images: list, videos: list | None = None) -> int:
+        # The rendered prompt holds one placeholder per image and video; the processor expands it to their tokens.
+        extra = sum(self.video_expansion(self.sample_video(video)) for video in videos or [])
         if self.grid_images:
-            return sum(self.visual_tokens(image) - 1 for image in images)
+            return extra + sum(self.visual_tokens(image) - 1 for image in images)
         sizes = [image if isinstance(image, tuple) else open_image_header(image).size for image in images]
         return sum(self.image_expansion(size) for size in sizes)
 
@@ -162,6 +245,12 @@ class PreferenceEncoder:
                 self.tokenizer(text, add_special_tokens=False)["input_ids"]
             )
         return self._image_expansion[size]
+
+
+def _as_tensor(value: Any) -> torch.Tensor | None:
+    if value is None or torch.is_tensor(value):
+        return value
+    return torch.tensor(value, dtype=torch.float32)
 
 
 def apply_pixel_limits(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:

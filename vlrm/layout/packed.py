@@ -61,8 +61,21 @@ def image_key(image: Any) -> tuple:
     return ("path", str(image))
 
 
-def prompt_key(prompt: list[dict], images: list) -> tuple:
-    return json.dumps(prompt, sort_keys=True, default=str), tuple(image_key(image) for image in images)
+def video_key(video: Any) -> tuple:
+    """What makes two videos the same: a sampled video's ``key`` (source and sampling, ``vlrm.data.videos``), else
+    its frames', bytes' or path's key."""
+    if isinstance(video, dict) and video.get("key"):
+        return ("video", video["key"])
+    if isinstance(video, (list, tuple)):
+        return ("frames", *(image_key(frame) for frame in video))
+    return image_key(video)
+
+
+def prompt_key(prompt: list[dict], images: list, videos: list | None = None) -> tuple:
+    media = tuple(image_key(image) for image in images)
+    if videos:
+        media += tuple(video_key(video) for video in videos)
+    return json.dumps(prompt, sort_keys=True, default=str), media
 
 
 class _Nodes:
@@ -70,14 +83,15 @@ class _Nodes:
 
     def __init__(self):
         self.index: dict[tuple, int] = {}
-        self.prompts: list[tuple[list[dict], list, tuple]] = []
+        self.prompts: list[tuple[list[dict], list, list, tuple]] = []
         self.branches: list[list[tuple[int, list[int]]]] = []
 
-    def add(self, prompt: list[dict], images: list, position: int, response: list[int]) -> None:
-        key = prompt_key(prompt, images)
+    def add(self, prompt: list[dict], images: list, position: int, response: list[int], videos=None) -> None:
+        videos = list(videos or [])
+        key = prompt_key(prompt, images, videos)
         if key not in self.index:
             self.index[key] = len(self.prompts)
-            self.prompts.append((prompt, images, key[1]))
+            self.prompts.append((prompt, images, videos, key[1]))
             self.branches.append([])
         self.branches[self.index[key]].append((position, response))
 
@@ -89,17 +103,17 @@ def pack_branches(encoder: PreferenceEncoder, examples: list[dict]) -> dict[str,
     nodes = _Nodes()
     ordered = reward_branches(encoder, examples)
     for position, (source, ids) in enumerate(ordered):
-        nodes.add(source["prompt"], source["images"], position, ids)
+        nodes.add(source["prompt"], source["images"], position, ids, source.get("videos"))
     return _pack_nodes(encoder, nodes, len(ordered))
 
 
-def pack_responses(encoder: PreferenceEncoder, rows: list[tuple[list[dict], list, list[int]]]) -> dict[str, Any]:
-    """The packed row of single responses ``(prompt messages, images, response ids)``, reward i for row i. Rows with
-    the same prompt and images (a GRPO group: several completions of one prompt) share one prompt node, so the prompt
-    and its images are computed once for the group."""
+def pack_responses(encoder: PreferenceEncoder, rows: list[tuple]) -> dict[str, Any]:
+    """The packed row of single responses ``(prompt messages, images, response ids[, videos])``, reward i for row i.
+    Rows with the same prompt, images and videos (a GRPO group: several completions of one prompt) share one prompt
+    node, so the prompt and its media are computed once for the group."""
     nodes = _Nodes()
-    for position, (prompt, images, response) in enumerate(rows):
-        nodes.add(prompt, images, position, response)
+    for position, (prompt, images, response, *videos) in enumerate(rows):
+        nodes.add(prompt, images, position, response, videos[0] if videos else None)
     return _pack_nodes(encoder, nodes, len(rows))
 
 
@@ -109,7 +123,7 @@ def _pack_nodes(encoder: PreferenceEncoder, nodes: _Nodes, num_rewards: int) -> 
     ids = torch.tensor([row["input_ids"]])
     batch = {
         "input_ids": ids,
-        "mm_token_type_ids": (ids == encoder.image_token_id).long(),
+        "mm_token_type_ids": encoder.mm_token_type_ids(ids),
         "reward_index": torch.tensor(row["reward_index"], dtype=torch.long),
         "packed_layout": build_layout(row),
         **response_tokens(row["response_spans"]),
@@ -117,27 +131,52 @@ def _pack_nodes(encoder: PreferenceEncoder, nodes: _Nodes, num_rewards: int) -> 
     if row["grids"]:
         batch["pixel_values"] = torch.cat(row["pixel_rows"])
         batch["image_grid_thw"] = torch.stack(row["grids"])
+    if row["video_grids"]:
+        batch["pixel_values_videos"] = torch.cat(row["video_rows"])
+        batch["video_grid_thw"] = torch.stack(row["video_grids"])
+        if row["video_seconds"]:
+            batch["second_per_grid_ts"] = torch.stack(row["video_seconds"])
     return batch
+
+
+def _add_media(row: dict[str, Any], kind: str, keys: tuple, pixel_values, grids, seconds, unique: dict) -> None:
+    """Each distinct image (``kind`` "image") or video ("video") of a prompt once: its pixel rows and grid (and a
+    video's seconds per temporal patch); its occurrence -> distinct index in ``image_order`` / ``video_order``."""
+    names = {"image": ("pixel_rows", "grids", None, "image_order"),
+             "video": ("video_rows", "video_grids", "video_seconds", "video_order")}[kind]  # fmt: skip
+    pixels, grid_list, seconds_list, order = names
+    pieces = torch.split(pixel_values, grids.prod(-1).tolist())
+    for index, (key, rows, grid) in enumerate(zip(keys, pieces, grids, strict=True)):
+        if key not in unique:
+            unique[key] = len(row[grid_list])
+            row[pixels].append(rows)
+            row[grid_list].append(grid)
+            if seconds_list is not None and seconds is not None:
+                row[seconds_list].append(seconds[index])
+        row[order].append(unique[key])
 
 
 def _lay_out(encoder: PreferenceEncoder, nodes: _Nodes, num_rewards: int) -> dict[str, Any]:
     """Token ids, segments and spans node by node; each distinct image's pixel rows once (``image_order``: image
     occurrence -> distinct image)."""
-    row = {name: [] for name in ("input_ids", "segments", "prompt_spans", "node_images", "branch_spans")}
-    row.update(reward_index=[0] * num_rewards, pixel_rows=[], grids=[], image_order=[], response_spans=[])
+    names = ("input_ids", "segments", "prompt_spans", "node_images", "node_videos", "branch_spans", "pixel_rows",
+             "grids", "image_order", "video_rows", "video_grids", "video_seconds", "video_order", "response_spans")  # fmt: skip
+    row = {name: [] for name in names}
+    row["reward_index"] = [0] * num_rewards
     unique_images: dict[tuple, int] = {}
+    unique_videos: dict[tuple, int] = {}
     input_ids, segments = row["input_ids"], row["segments"]
-    for (prompt, images, image_keys), branches in zip(nodes.prompts, nodes.branches, strict=True):
-        encoded = encoder.encode_prompt(prompt, images)
+    for (prompt, images, videos, media_keys), branches in zip(nodes.prompts, nodes.branches, strict=True):
+        encoded = encoder.encode_prompt(prompt, images, videos)
         if encoded.pixel_values is not None:
-            pixel_rows = torch.split(encoded.pixel_values, encoded.image_grid_thw.prod(-1).tolist())
-            for key, image_rows, grid in zip(image_keys, pixel_rows, encoded.image_grid_thw, strict=True):
-                if key not in unique_images:
-                    unique_images[key] = len(row["grids"])
-                    row["pixel_rows"].append(image_rows)
-                    row["grids"].append(grid)
-                row["image_order"].append(unique_images[key])
+            image_keys = media_keys[: len(images)]
+            _add_media(row, "image", image_keys, encoded.pixel_values, encoded.image_grid_thw, None, unique_images)
+        if encoded.pixel_values_videos is not None:
+            keys = media_keys[len(images) :]
+            _add_media(row, "video", keys, encoded.pixel_values_videos, encoded.video_grid_thw,
+                       encoded.second_per_grid_ts, unique_videos)  # fmt: skip
         row["node_images"].append((len(row["image_order"]) - len(images), len(row["image_order"])))
+        row["node_videos"].append((len(row["video_order"]) - len(videos), len(row["video_order"])))
         prompt_start = len(input_ids)
         input_ids += encoded.input_ids
         prompt_end = len(input_ids)

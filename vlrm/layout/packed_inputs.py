@@ -23,20 +23,32 @@ def packed_position_ids(
     mm_token_type_ids: torch.Tensor,
     image_grid_thw: torch.Tensor | None,
     layout: PackedLayout,
+    video_grid_thw: torch.Tensor | None = None,
+    second_per_grid_ts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[3, 1, T]`` positions (mRoPE and interleaved mRoPE alike): each prompt as the backbone's ``get_rope_index``
-    places it alone, each branch right after its prompt's largest position."""
+    places it alone (its images' and videos' grids, a video's seconds per temporal patch), each branch right after
+    its prompt's largest position."""
     device = input_ids.device
     grids = image_grid_thw[layout.image_order] if image_grid_thw is not None else None
+    video_grids = video_grid_thw[layout.video_order] if video_grid_thw is not None else None
+    seconds = second_per_grid_ts[layout.video_order] if second_per_grid_ts is not None else None
+    node_videos = layout.node_videos or [(0, 0)] * len(layout.prompt_spans)
     pieces = []
-    for (start, end), (first_image, last_image), spans in zip(
-        layout.prompt_spans, layout.node_images, layout.branch_spans, strict=True
+    for (start, end), (first_image, last_image), (first_video, last_video), spans in zip(
+        layout.prompt_spans, layout.node_images, node_videos, layout.branch_spans, strict=True
     ):
-        if last_image > first_image:
+        if last_image > first_image or last_video > first_video:
+            media = {}
+            if last_video > first_video:
+                media["video_grid_thw"] = video_grids[first_video:last_video]
+                if seconds is not None:
+                    media["second_per_grid_ts"] = seconds[first_video:last_video]
             positions, _ = backbone.get_rope_index(
                 input_ids[:, start:end],
                 mm_token_type_ids=mm_token_type_ids[:, start:end],
-                image_grid_thw=grids[first_image:last_image],
+                image_grid_thw=grids[first_image:last_image] if last_image > first_image else None,
+                **media,
             )
             positions = positions[:, 0]
             next_position = positions.max() + 1
@@ -48,13 +60,20 @@ def packed_position_ids(
     return torch.cat(pieces, dim=1)[:, None]
 
 
-def image_features_by_occurrence(backbone: Any, pixel_values, image_grid_thw, layout: PackedLayout) -> Any:
-    """The vision tower's output for the distinct images, reordered to one entry per image occurrence in the row:
-    ``pooler_output`` (and Qwen3-VL's DeepStack ``deepstack_features``, one tuple per vision layer) as the backbone's
-    ``mm_encoder_outputs`` takes them, so it places every feature on its image tokens itself."""
-    features = backbone.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-    if layout.deduplicated_images:
-        order = layout.image_order.tolist()
+def image_features_by_occurrence(
+    backbone: Any, pixel_values, image_grid_thw, layout: PackedLayout, kind: str = "image"
+) -> Any:
+    """The vision tower's output for the distinct images (``kind`` "video": videos), reordered to one entry per
+    occurrence in the row: ``pooler_output`` (and Qwen3-VL's DeepStack ``deepstack_features``, one tuple per vision
+    layer) as the backbone's ``mm_encoder_outputs`` takes them, so it places every feature on its tokens itself."""
+    if kind == "video":
+        features = backbone.get_video_features(pixel_values, image_grid_thw, return_dict=True)
+        deduplicated, order = layout.deduplicated_videos, layout.video_order
+    else:
+        features = backbone.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        deduplicated, order = layout.deduplicated_images, layout.image_order
+    if deduplicated:
+        order = order.tolist()
         features.pooler_output = tuple(features.pooler_output[index] for index in order)
         if getattr(features, "deepstack_features", None) is not None:
             features.deepstack_features = [
@@ -70,6 +89,9 @@ def packed_backbone_inputs(
     pixel_values: torch.Tensor | None = None,
     image_grid_thw: torch.Tensor | None = None,
     mm_token_type_ids: torch.Tensor | None = None,
+    pixel_values_videos: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    second_per_grid_ts: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for the backbone's forward (``Qwen2VLModel``, ``Qwen2_5_VLModel``, ``Qwen3VLModel``,
     ``Qwen3VLMoeModel``) on a packed row of ``model``, a ``VLRewardModel`` of a family with the packed layout.
@@ -87,14 +109,24 @@ def packed_backbone_inputs(
     layout = layout.to(input_ids.device)  # a copy: the mask cache starts empty every forward
     if mm_token_type_ids is None:
         mm_token_type_ids = (input_ids == model.config.image_token_id).long()
+        if getattr(model.config, "video_token_id", None) is not None:
+            mm_token_type_ids = mm_token_type_ids + 2 * (input_ids == model.config.video_token_id).long()
+    positions = packed_position_ids(
+        backbone, input_ids, mm_token_type_ids, image_grid_thw, layout, video_grid_thw, second_per_grid_ts
+    )
     inputs = {
         "input_ids": input_ids,
-        "position_ids": packed_position_ids(backbone, input_ids, mm_token_type_ids, image_grid_thw, layout),
+        "position_ids": positions,
         "attention_mask": PACKED_ROW_MASK.to(input_ids.device),
         "packed_layout": layout,
     }
+    encoder_outputs = {}
     if pixel_values is not None:
-        inputs["mm_encoder_outputs"] = {
-            "image": image_features_by_occurrence(backbone, pixel_values, image_grid_thw, layout)
-        }
+        encoder_outputs["image"] = image_features_by_occurrence(backbone, pixel_values, image_grid_thw, layout)
+    if pixel_values_videos is not None:
+        encoder_outputs["video"] = image_features_by_occurrence(
+            backbone, pixel_values_videos, video_grid_thw, layout, kind="video"
+        )
+    if encoder_outputs:
+        inputs["mm_encoder_outputs"] = encoder_outputs
     return inputs

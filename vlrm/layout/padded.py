@@ -45,24 +45,32 @@ def branch_sequences(encoder: PreferenceEncoder, examples: list[dict]) -> list[t
 
     def prompt_of(source: dict) -> EncodedPrompt:
         if id(source) not in encoded:
-            encoded[id(source)] = encoder.encode_prompt(source["prompt"], source["images"])
+            encoded[id(source)] = encoder.encode_prompt(source["prompt"], source["images"], source.get("videos"))
         return encoded[id(source)]
 
     return [(prompt_of(source), ids) for source, ids in reward_branches(encoder, examples)]
 
 
-def branch_rows(encoder: PreferenceEncoder, examples: list[dict]) -> list[tuple[list[dict], list, list[int]]]:
-    """(prompt messages, images, response ids) per branch, in reward order, for ``pad_with_processor``."""
-    return [(source["prompt"], source["images"], ids) for source, ids in reward_branches(encoder, examples)]
+def branch_rows(encoder: PreferenceEncoder, examples: list[dict]) -> list[tuple]:
+    """(prompt messages, images, response ids, videos) per branch, in reward order, for ``pad_with_processor``."""
+    return [
+        (source["prompt"], source["images"], ids, source.get("videos"))
+        for source, ids in reward_branches(encoder, examples)
+    ]
 
 
-def pad_with_processor(encoder: PreferenceEncoder, rows: list[tuple[list[dict], list, list[int]]]) -> dict[str, Any]:
+def pad_with_processor(encoder: PreferenceEncoder, rows: list[tuple]) -> dict[str, Any]:
     """The padded layout through the processor itself, for any image-text-to-text family: the rendered prompts and
     their images in one processor call (which lays out its own image tensors), then each row's response ids appended
     and the rows right padded. Token-aligned outputs (``token_type_ids``, ``mm_token_type_ids``) are extended with 0
     over the response, as the processor gives text tokens."""
-    texts = [encoder.prompt_text(prompt) for prompt, _, _ in rows]
-    images = [[open_image(image) for image in row_images] for _, row_images, _ in rows]
+    if any(len(row) > 3 and row[3] for row in rows):
+        raise ValueError(
+            f"videos need a Qwen-style processor (patch grids and video_grid_thw); {type(encoder.processor).__name__} "
+            "goes through the generic padded path, which takes images only"
+        )
+    texts = [encoder.prompt_text(row[0]) for row in rows]
+    images = [[open_image(image) for image in row[1]] for row in rows]
     arguments = {"text": texts, "padding": True, "return_tensors": "pt", "add_special_tokens": False}
     if any(images):
         arguments["images"] = images
@@ -71,7 +79,7 @@ def pad_with_processor(encoder: PreferenceEncoder, rows: list[tuple[list[dict], 
     token_keys = [
         key for key, value in processed.items() if torch.is_tensor(value) and value.shape == prompt_ids.shape
     ]
-    sequences = [prompt_ids[i][prompt_mask[i]].tolist() + response for i, (_, _, response) in enumerate(rows)]
+    sequences = [prompt_ids[i][prompt_mask[i]].tolist() + row[2] for i, row in enumerate(rows)]
     length = max(len(sequence) for sequence in sequences)
     batch = {"input_ids": torch.full((len(rows), length), encoder.pad_token_id, dtype=torch.long)}
     batch["attention_mask"] = torch.zeros((len(rows), length), dtype=torch.long)
@@ -92,19 +100,23 @@ def pad_with_processor(encoder: PreferenceEncoder, rows: list[tuple[list[dict], 
     return batch | response_tokens(spans)
 
 
-def pad_rows(encoder: PreferenceEncoder, rows: list[tuple[list[dict], list, list[int]]]) -> dict[str, Any]:
-    """The padded layout of ``(prompt messages, images, response ids)`` rows, through the encoding the processor
-    has: Qwen-style patch grids (``pad_branches``) or the processor itself (``pad_with_processor``)."""
+def pad_rows(encoder: PreferenceEncoder, rows: list[tuple]) -> dict[str, Any]:
+    """The padded layout of ``(prompt messages, images, response ids[, videos])`` rows, through the encoding the
+    processor has: Qwen-style patch grids (``pad_branches``) or the processor itself (``pad_with_processor``)."""
     if not encoder.grid_images:
         return pad_with_processor(encoder, rows)
-    encoded = [(encoder.encode_prompt(prompt, images), response) for prompt, images, response in rows]
-    return pad_branches(encoded, encoder.pad_token_id, encoder.image_token_id)
+    encoded = [
+        (encoder.encode_prompt(prompt, images, videos[0] if videos else None), response)
+        for prompt, images, response, *videos in rows
+    ]
+    return pad_branches(encoded, encoder.pad_token_id, encoder.image_token_id, encoder.video_token_id)
 
 
 def pad_branches(
-    sequences: list[tuple[EncodedPrompt, list[int]]], pad_token_id: int, image_token_id: int
-) -> dict[str, torch.Tensor]:
-    """One right-padded row per branch. Images are repeated for every row of their prompt, as a pairwise
+    sequences: list[tuple[EncodedPrompt, list[int]]], pad_token_id: int, image_token_id: int,
+    video_token_id: int | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """One right-padded row per branch. Images and videos are repeated for every row of their prompt, as a pairwise
     collator does."""
     rows = [prompt.input_ids + response for prompt, response in sequences]
     length = max(len(row) for row in rows)
@@ -116,7 +128,7 @@ def pad_branches(
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "mm_token_type_ids": (input_ids == image_token_id).long() * attention_mask,
+        "mm_token_type_ids": _token_types(input_ids, image_token_id, video_token_id) * attention_mask,
         **response_tokens(
             [
                 (i, i * length + len(prompt.input_ids), i * length + len(row))
@@ -128,7 +140,19 @@ def pad_branches(
     if with_images:
         batch["pixel_values"] = torch.cat([prompt.pixel_values for prompt in with_images])
         batch["image_grid_thw"] = torch.cat([prompt.image_grid_thw for prompt in with_images])
+    with_videos = [prompt for prompt, _ in sequences if prompt.pixel_values_videos is not None]
+    if with_videos:
+        batch["pixel_values_videos"] = torch.cat([prompt.pixel_values_videos for prompt in with_videos])
+        batch["video_grid_thw"] = torch.cat([prompt.video_grid_thw for prompt in with_videos])
+        if with_videos[0].second_per_grid_ts is not None:
+            batch["second_per_grid_ts"] = torch.cat([prompt.second_per_grid_ts for prompt in with_videos])
     return batch
+
+
+def _token_types(input_ids: torch.Tensor, image_token_id: int, video_token_id: int | None) -> torch.Tensor:
+    """1 on image tokens, 2 on video tokens (``get_rope_index``'s modality groups), 0 elsewhere."""
+    types = (input_ids == image_token_id).long()
+    return types if video_token_id is None else types + 2 * (input_ids == video_token_id).long()
 
 
 class PaddedPreferenceCollator:
@@ -139,8 +163,9 @@ class PaddedPreferenceCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, Any]:
         if self.encoder.grid_images:
+            encoder = self.encoder
             batch = pad_branches(
-                branch_sequences(self.encoder, examples), self.encoder.pad_token_id, self.encoder.image_token_id
+                branch_sequences(encoder, examples), encoder.pad_token_id, encoder.image_token_id, encoder.video_token_id
             )
         else:
             batch = pad_with_processor(self.encoder, branch_rows(self.encoder, examples))

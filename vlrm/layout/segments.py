@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-_LAYOUT_TENSORS = ("image_order", "cu_seqlens_q", "cu_seqlens_k", "kv_index", "bucket_query_index",
+_LAYOUT_TENSORS = ("image_order", "video_order", "cu_seqlens_q", "cu_seqlens_k", "kv_index", "bucket_query_index",
                    "bucket_kv_index", "bucket_row_index")  # fmt: skip
 
 # The packed SDPA attention makes at most this many calls per layer, however many segment shapes the row holds: each
@@ -43,7 +43,8 @@ class PackedLayout:
     ``segments``: one ``(start, end, prefix_start, prefix_end)`` per prompt and per branch, in row order; a branch's
     prefix is its prompt, a prompt has none (``prefix_start == prefix_end``). ``prompt_spans``, ``node_images``,
     ``branch_spans``: per prompt node, its prompt, the range of its images in occurrence order, its branches.
-    ``image_order``: image occurrence -> row of ``image_grid_thw`` (images are deduplicated).
+    ``image_order``: image occurrence -> row of ``image_grid_thw`` (images are deduplicated); ``node_videos`` and
+    ``video_order`` the same for videos (``video_grid_thw``, ``second_per_grid_ts``).
 
     For flash-attn's varlen kernel: ``cu_seqlens_*``, ``max_seqlen_*`` and ``kv_index`` (each segment's key rows).
     For the SDPA version: segments are laid out in at most ``MAX_ATTENTION_BUCKETS`` buckets, one SDPA call each
@@ -68,6 +69,9 @@ class PackedLayout:
     bucket_query_index: torch.Tensor | None = None  # [sum of count * query_length] long
     bucket_row_index: torch.Tensor | None = None  # [num_tokens] long
     deduplicated_images: bool = False
+    node_videos: list[tuple[int, int]] = field(default_factory=list)
+    video_order: torch.Tensor | None = None  # [num video occurrences] long
+    deduplicated_videos: bool = False
     # Masks built during one forward (and its gradient-checkpointing recompute): every .to() starts an empty cache,
     # and the model calls .to() at the start of each forward, so nothing survives from one call to the next.
     attention_masks: dict = field(default_factory=dict, compare=False, repr=False)
@@ -170,5 +174,8 @@ def build_layout(row: dict[str, Any]) -> PackedLayout:
         max_seqlen_q=int(query_lengths.max()),
         max_seqlen_k=int(key_lengths.max()),
         deduplicated_images=len(row["grids"]) < len(row["image_order"]),
+        node_videos=row.get("node_videos") or [(0, 0)] * len(row["prompt_spans"]),
+        video_order=torch.tensor(row.get("video_order") or [], dtype=torch.long),
+        deduplicated_videos=len(row.get("video_grids") or []) < len(row.get("video_order") or []),
         **_attention_buckets(segments),
     )

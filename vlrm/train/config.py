@@ -61,6 +61,36 @@ class ModelDataArguments:
             "block becomes one visual token, so this bounds the visual tokens per image."
         },
     )
+    video_fps: float | None = field(
+        default=None,
+        metadata={
+            "help": "Frames a second sampled from each video (qwen-vl-utils' `fps`; vlrm.data.videos). None: the "
+            "checkpoint's recorded setting when scoring, else qwen-vl-utils' 2.0. Frames are evenly spaced, an even "
+            "count between 4 and video_max_frames."
+        },
+    )
+    video_max_frames: int | None = field(
+        default=None,
+        metadata={"help": "Most frames sampled from one video (None: recorded, else qwen-vl-utils' 768)."},
+    )
+    video_min_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Smallest area of a video frame in pixels after resizing (None: recorded, else qwen-vl-utils' 128 "
+            "merged patches: 128 x 28 x 28 for Qwen2/2.5-VL, 128 x 32 x 32 for Qwen3-VL and Qwen3.5)."
+        },
+    )
+    video_max_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Largest area of a video frame in pixels (None: recorded, else 768 merged patches)."},
+    )
+    video_total_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Pixel budget of one video's frames together: each frame is capped at total / frames x 2 "
+            "(None: recorded, else qwen-vl-utils' 128,000 tokens x 0.9)."
+        },
+    )
     packing: bool = field(
         default=True,
         metadata={
@@ -107,6 +137,20 @@ class ModelDataArguments:
                 raise ConfigError(f"{name}={value} is below one 28x28 visual token (784 pixels).")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise ConfigError(f"min_pixels={self.min_pixels} is larger than max_pixels={self.max_pixels}.")
+        for name in ("video_fps", "video_max_frames", "video_min_pixels", "video_max_pixels", "video_total_pixels"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name}={value} must be positive.")
+        if self.video_min_pixels and self.video_max_pixels and self.video_min_pixels > self.video_max_pixels:
+            raise ConfigError(
+                f"video_min_pixels={self.video_min_pixels} is larger than video_max_pixels={self.video_max_pixels}."
+            )
+
+    def video_overrides(self) -> dict[str, Any]:
+        """The ``video_*`` keys this config sets (``vlrm.data.videos.VideoSettings`` field names)."""
+        names = {"video_fps": "fps", "video_max_frames": "max_frames", "video_min_pixels": "min_pixels",
+                 "video_max_pixels": "max_pixels", "video_total_pixels": "total_pixels"}  # fmt: skip
+        return {field_name: getattr(self, name) for name, field_name in names.items() if getattr(self, name)}
 
 
 @dataclass

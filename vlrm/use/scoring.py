@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from vlrm.data.prepare import LENGTH_COLUMNS
 from vlrm.data.rankings import responses_of
 from vlrm.data.rows import user_prompt
+from vlrm.data.videos import VideoSettings
 from vlrm.layout.attention import enable_packed_attention
 from vlrm.layout.encoder import PreferenceEncoder, apply_pixel_limits
 from vlrm.layout.packed import make_collator, pack_responses, prompt_key
@@ -137,7 +138,10 @@ class RewardScorer:
         device: str | torch.device | None = None,
         packing: bool = True,
         max_seq_length: int | None = DEFAULT_MAX_SEQ_LENGTH,
+        video_settings: VideoSettings | dict | None = None,
     ):
+        """``video_settings``: how videos are sampled (``vlrm.data.videos``); a dict overrides the fields it names
+        of what the checkpoint recorded in training (``vlrm_video_sampling``), None takes the recorded ones."""
         self.max_seq_length = max_seq_length
         self.device_map = dispatched_device_map(model)
         if self.device_map is not None:  # split over devices by accelerate: inputs go where the first layers are
@@ -152,7 +156,10 @@ class RewardScorer:
         if packing:
             enable_packed_attention(self.model)
         self.processor = processor
-        self.encoder = PreferenceEncoder(processor)
+        if not isinstance(video_settings, VideoSettings):
+            recorded = getattr(model.config, "vlrm_video_sampling", None)
+            video_settings = VideoSettings.from_values(recorded, **(video_settings or {}))
+        self.encoder = PreferenceEncoder(processor, video_settings)
         self.packing = packing
         self.collator = make_collator(self.encoder, packing)
         self.reward_mean = getattr(model.config, "reward_mean", None)
@@ -182,6 +189,7 @@ class RewardScorer:
         max_memory: dict | None = None,
         offload_folder: str | Path | None = None,
         reuse: RewardScorer | None = None,
+        video_settings: VideoSettings | dict | None = None,
     ) -> RewardScorer:
         """Load a checkpoint dir (config + weights, processor optional). ``dtype``: auto (as saved), bfloat16,
         float16 or float32; ``device``: default cuda when visible, else cpu; ``max_seq_length``: longer sequences
@@ -192,7 +200,8 @@ class RewardScorer:
         ``max_memory`` (``{0: "70GiB", 1: "70GiB"}``) and ``offload_folder`` as in transformers' big-model loading
         (accelerate's dispatch); both layouts work with the layers on several devices, and ``device`` is then
         unused. ``reuse``: the scorer of another adapter checkpoint of the same LoRA run: its base model is kept and
-        only the adapters and the head are swapped (``load_checkpoint``'s ``reuse``).
+        only the adapters and the head are swapped (``load_checkpoint``'s ``reuse``). ``video_settings``: as in the
+        constructor (the checkpoint's recorded sampling, with these fields overridden).
 
         Loading is ``vlrm.model.loading.load_checkpoint``'s: a vlrm LoRA checkpoint loads onto the base model it
         records, or onto ``base_model_path`` when that one is not reachable here, with its adapters unmerged (the
@@ -204,7 +213,7 @@ class RewardScorer:
         )  # fmt: skip
         apply_pixel_limits(processor, min_pixels, max_pixels)
         device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model, processor, device, packing, max_seq_length)
+        return cls(model, processor, device, packing, max_seq_length, video_settings)
 
     def _give_up_model(self) -> Any:
         """The model, no longer this scorer's (``from_pretrained(reuse=...)``: the scorer is not used again)."""

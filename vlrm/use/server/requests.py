@@ -145,7 +145,7 @@ class RequestParser:
     Hugging Face fast tokenizer must not be used by two threads at once, and the model thread uses the scorer's."""
 
     def __init__(self, scorer: RewardScorer, settings: ServerSettings):
-        self.encoder = PreferenceEncoder(copy.deepcopy(scorer.processor))
+        self.encoder = PreferenceEncoder(copy.deepcopy(scorer.processor), scorer.encoder.video_settings)
         self.tokenizer_lock = threading.Lock()
         self.images = ImageDecoder(settings.image_root, settings.max_pixels_per_image, settings.max_body_bytes)
         self.settings, self.max_seq_length = settings, scorer.max_seq_length
