@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TINY_MODEL := .cache/tiny-qwen2.5-vl
 SYNTHETIC := .cache/synthetic
+SYNTHETIC_VIDEO := .cache/synthetic-video
 
-.PHONY: demo test lint setup clean
+.PHONY: demo demo-video test lint setup clean
 
 setup: $(STAMP)
 
@@ -31,6 +32,20 @@ demo: $(STAMP) $(TINY_MODEL)/config.json $(SYNTHETIC)/train.jsonl
 	$(PY) eval_rm.py training_configs/eval_config_example.yaml
 	$(PY) eval_rm.py training_configs/eval_config_example.yaml --checkpoint_pattern final-only \
 		--dataset_path $(SYNTHETIC)/eval_blank.jsonl --output_file tiny_demo_blank_images.csv --num_irrelevant_pairs 0
+
+$(SYNTHETIC_VIDEO)/video_train.jsonl: vlrm/data/synthetic_video.py | $(STAMP)
+	$(PY) -m vlrm synthetic --video --output_dir $(SYNTHETIC_VIDEO)
+
+# The video demo: 8-frame clips of a square moving left or right, where only the order of the frames decides. Train,
+# sweep the checkpoints, then score the final model on the held-out clips and three controls: every frame blanked and
+# one frame repeated (no order to read: near 0.5), and the frames reversed (the motion flips: far below 0.5).
+demo-video: $(STAMP) $(TINY_MODEL)/config.json $(SYNTHETIC_VIDEO)/video_train.jsonl
+	$(PY) train_rm.py training_configs/tiny_video_demo.yaml
+	$(PY) eval_rm.py training_configs/eval_config_video_demo.yaml
+	$(PY) eval_rm.py training_configs/eval_config_video_demo.yaml --checkpoint_pattern final-only \
+		--output_file tiny_video_demo_controls.csv --dataset_path $(SYNTHETIC_VIDEO)/video_eval.jsonl \
+		$(SYNTHETIC_VIDEO)/video_eval_blank.jsonl $(SYNTHETIC_VIDEO)/video_eval_frozen.jsonl \
+		$(SYNTHETIC_VIDEO)/video_eval_reversed.jsonl
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -12,13 +12,18 @@ Call it:
     curl -s localhost:8000/info                                                       # checkpoint, step, limits
     curl -s localhost:8000/score -H 'Content-Type: application/json' \\
         -d '{"items": [{"prompt": "What is shown?", "images": ["cat.png"], "response": "A cat."}]}'
+    curl -s localhost:8000/score -H 'Content-Type: application/json' \\
+        -d '{"items": [{"prompt": "What happens?", "videos": ["clips/a.mp4"], "response": "A cat jumps."}]}'
     curl -s localhost:8000/get_reward -H 'Content-Type: application/json' \\
         -d '{"query": ["What is shown? A cat."], "prompts": ["What is shown?"]}'
 
-Images are data: URLs (`data:image/png;base64,...`), raw base64, or paths under --image_root (only then); nothing
-is fetched from a URL. Concurrent requests are merged into micro-batches (--max_batch_size items, --max_wait_ms);
-one thread runs the model. Every limit (--max_items, --max_images, --max_pixels_per_image, --max_body_bytes,
---max_seq_length) answers with a 4xx JSON error {"error", "item", "field"}, never with a truncated score.
+Images are data: URLs (`data:image/png;base64,...`), raw base64, or paths under --image_root (only then); videos are
+data: URLs (`data:video/mp4;base64,...`) or paths under --image_root, sampled with the checkpoint's recorded video
+settings; nothing is fetched from a URL. Concurrent requests are merged into micro-batches (--max_batch_size items,
+--max_wait_ms); one thread runs the model. Every limit (--max_items, --max_images, --max_pixels_per_image,
+--max_body_bytes, --max_seq_length; for videos --max_videos, --max_video_bytes, --max_video_seconds,
+--max_video_frames, --max_video_pixels, read from the container's header before a frame is decoded) answers with a
+4xx JSON error {"error", "item", "field"}, never with a truncated score.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ setup(
         "peft>=0.18",
         "datasets>=3.0",
         "qwen-vl-utils>=0.0.10",
+        "av>=12",  # PyAV: video decoding with FFmpeg inside its wheel (vlrm.data.videos)
         "pyyaml",
         "pandas",
         "pillow",

@@ -3,8 +3,10 @@ images, errors in the run's log, result reuse across settings, null prompts and 
 
 import io
 import json
+import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -253,3 +255,19 @@ def test_rlaif_v_idx_becomes_the_row_id(tmp_path):
     rows = [{"idx": 7301, "question": "Q?", "chosen": "a", "rejected": "b"}]
     dataset, _ = load_preference_dataset(_write_jsonl(tmp_path / "rlaif.jsonl", rows))
     assert dataset["id"] == ["7301"]
+
+
+def test_a_data_file_rewritten_at_the_same_path_is_evaluated_again(tmp_path, eval_rm, checkpoint, synthetic_dir):
+    rows = [json.loads(line) for line in (synthetic_dir / "eval.jsonl").read_text().splitlines()][:6]
+    rows = [row | {"images": [str(synthetic_dir / image) for image in row["images"]]} for row in rows]
+    dataset = _write_jsonl(tmp_path / "held_out.jsonl", rows)
+    config = str(_eval_config(tmp_path, checkpoint, dataset, num_irrelevant_pairs=0))
+    assert eval_rm.main([config]) == 0
+    first = pd.read_csv(tmp_path / "results" / "evaluation_results.csv")["accuracy"].item()
+    swapped = [row | {"chosen": row["rejected"], "rejected": row["chosen"]} for row in rows]  # every label flipped
+    os.utime(_write_jsonl(dataset, swapped), (time.time() + 5, time.time() + 5))
+    assert eval_rm.main([config]) == 0
+    logs = "".join(path.read_text() for path in (tmp_path / "logs").glob("eval_*.log"))
+    assert "the data set changed since it was evaluated; evaluating again" in logs
+    second = pd.read_csv(tmp_path / "results" / "evaluation_results.csv")["accuracy"].item()
+    assert second == pytest.approx(1 - first)  # the new file's numbers, not the old ones

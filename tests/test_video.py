@@ -12,7 +12,7 @@ from transformers import AutoProcessor, set_seed
 from tests.test_families import _sequential_delta_rule
 from tests.test_packing import _assert_same_rewards_and_grads, _text
 from vlrm.data import videos as video_module
-from vlrm.data.prepare import DataSettings, load_preference_dataset
+from vlrm.data.prepare import load_preference_dataset
 from vlrm.data.videos import VideoSettings, read_header, sample_video, write_clip
 from vlrm.errors import BadSampleError
 from vlrm.layout.attention import enable_packed_attention
@@ -172,3 +172,114 @@ def test_packed_equals_padded_with_videos(name, clips, family_dirs, monkeypatch)
     assert len(padded["video_grid_thw"]) == padded["input_ids"].shape[0]  # one video per padded row
     if name == "qwen2_5_vl":
         assert packed["second_per_grid_ts"].shape == (3,)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prepared once: the cache holds the sampled frames
+
+
+def _write_rows(path, rows) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _video_pairs(root, clips) -> list[dict]:
+    return [
+        {"question": "Which way?", "videos": [str(clip.relative_to(root))], "chosen": f"Right {i}.",
+         "rejected": f"Left {i}."}
+        for i, clip in enumerate(clips)
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def video_set(tmp_path):
+    clips = [write_clip(tmp_path / f"clip{i}.mp4", _frames(10 + i, 8 + 2 * i), 4.0) for i in range(3)]
+    path = tmp_path / "videos.jsonl"
+    _write_rows(path, _video_pairs(tmp_path, clips) + [
+        {"question": "<video> then <image>: which?", "videos": ["clip0.mp4"], "images": [_png(tmp_path)],
+         "chosen": "The first.", "rejected": "The second."}])  # fmt: skip
+    return path
+
+
+def _png(root) -> str:
+    Image.new("RGB", (56, 56), (200, 10, 10)).save(root / "red.png")
+    return "red.png"
+
+
+def test_prepared_set_holds_the_sampled_frames_and_a_second_run_decodes_nothing(video_set, family_dirs, monkeypatch):
+    encoder = PreferenceEncoder(AutoProcessor.from_pretrained(family_dirs("qwen2_5_vl")), SMALL)
+    cache = video_set.parent / "cache"
+    dataset, report = load_preference_dataset(video_set, encoder=encoder, cache_dir=str(cache))
+    assert report.builds == 1 and len(dataset) == 4
+    row = dataset[1]
+    reference = sample_video(video_set.parent / "clip1.mp4", SMALL, 28)
+    assert row["videos"][0]["frames_indices"] == reference["frames_indices"]
+    assert [np.asarray(frame).tolist() for frame in row["videos"][0]["frames"]] == [
+        np.asarray(frame).tolist() for frame in reference["frames"]
+    ]  # stored losslessly: the frames the processor receives, with no second decode
+    mixed = dataset[3]
+    assert [part["type"] for part in mixed["prompt"][0]["content"]] == ["video", "text", "image", "text"]
+    assert len(mixed["images"]) == 1 and len(mixed["videos"]) == 1
+    lengths = encoder.branch_lengths(mixed)
+    assert (
+        mixed["prompt_length"]
+        == lengths[0]
+        == len(encoder.encode_prompt(mixed["prompt"], mixed["images"], mixed["videos"]).input_ids)
+    )
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a video was decoded again")
+
+    monkeypatch.setattr(video_module, "_decode", no_decoding)
+    again, report = load_preference_dataset(video_set, encoder=encoder, cache_dir=str(cache))
+    assert report.cache_hits == 1 and report.builds == 0
+    batch = PreferenceEncoder(encoder.processor, SMALL).encode_prompt(again[0]["prompt"], [], again[0]["videos"])
+    assert batch.video_grid_thw is not None  # the cached frames feed the processor, nothing decoded
+    # Other sampling settings are another cache entry (the key covers them).
+    other = PreferenceEncoder(encoder.processor, VideoSettings(fps=1.0, min_pixels=28 * 28, max_pixels=56 * 112))
+    monkeypatch.undo()
+    _, report = load_preference_dataset(video_set, encoder=other, cache_dir=str(cache))
+    assert report.builds == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad videos: file, row and field named, or a counted skip
+
+
+def _bad_videos(root) -> dict[str, object]:
+    good = write_clip(root / "good.mp4", _frames(7, 8), 4.0).read_bytes()
+    (root / "truncated.mp4").write_bytes(good[: len(good) // 2])
+    (root / "garbage.mp4").write_bytes(b"this is not a video" * 50)
+    write_clip(root / "one_frame.mp4", _frames(8, 1), 4.0)
+    return {
+        "missing.mp4": "video file not found",
+        "truncated.mp4": "cannot open video|truncated or undecodable|cannot decode video",
+        "garbage.mp4": "cannot open video",
+        "one_frame.mp4": "has 1 frame",
+    }
+
+
+def test_bad_videos_are_named_by_file_row_and_field(tmp_path, family_dirs):
+    encoder = PreferenceEncoder(AutoProcessor.from_pretrained(family_dirs("qwen2_5_vl")), SMALL)
+    for name, reason in _bad_videos(tmp_path).items():
+        path = tmp_path / f"bad_{name}.jsonl"
+        _write_rows(path, [{"question": "Q?", "videos": ["good.mp4"], "chosen": "A.", "rejected": "B."},
+                           {"question": "Q?", "videos": [name], "chosen": "A.", "rejected": "B."}])  # fmt: skip
+        with pytest.raises(BadSampleError, match=rf"bad_{name}\.jsonl: row 1: field `videos`: .*({reason})"):
+            load_preference_dataset(path, encoder=encoder, cache_dir=str(tmp_path / "cache"))
+    path = tmp_path / "places.jsonl"
+    _write_rows(path, [{"question": "<video> and <video>?", "videos": ["good.mp4"], "chosen": "A.", "rejected": "B."}])
+    with pytest.raises(BadSampleError, match=r"row 0: field `videos`: 1 videos but 2 video places"):
+        load_preference_dataset(path, encoder=encoder, cache_dir=str(tmp_path / "cache"))
+
+
+def test_bad_videos_are_skipped_and_counted(tmp_path, family_dirs):
+    encoder = PreferenceEncoder(AutoProcessor.from_pretrained(family_dirs("qwen2_5_vl")), SMALL)
+    rows = [{"question": "Q?", "videos": [name], "chosen": "A.", "rejected": "B."} for name in _bad_videos(tmp_path)]
+    rows.append({"question": "Q?", "videos": ["good.mp4"], "chosen": "A.", "rejected": "B."})
+    path = tmp_path / "mixed.jsonl"
+    _write_rows(path, rows)
+    dataset, report = load_preference_dataset(
+        path, encoder=encoder, on_bad_sample="skip", cache_dir=str(tmp_path / "cache")
+    )
+    assert len(dataset) == 1 and report.num_skipped == 4
+    assert all("`videos`" in reason for reason in report.skipped)

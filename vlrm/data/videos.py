@@ -144,7 +144,8 @@ def _count_frames(container) -> int:
     """Frames of the first video stream, from its packets (no decoding), for containers whose header has no count."""
     stream = container.streams.video[0]
     count = sum(1 for packet in container.demux(stream) if packet.size)
-    container.seek(0)
+    if count:  # nothing to rewind to without packets (and some demuxers refuse the seek then)
+        container.seek(0)
     return count
 
 
@@ -261,7 +262,9 @@ def sample_video(
 
 def frames_array(video: dict[str, Any]) -> np.ndarray:
     """``[n, H, W, 3]`` uint8 frames of a sampled video (PIL frames, or Arrow's decoded ones)."""
-    return np.stack([np.asarray(to_rgb(frame) if isinstance(frame, Image.Image) else frame) for frame in video["frames"]])
+    return np.stack(
+        [np.asarray(to_rgb(frame) if isinstance(frame, Image.Image) else frame) for frame in video["frames"]]
+    )
 
 
 def stored_video(video: dict[str, Any]) -> dict[str, Any]:

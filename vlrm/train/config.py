@@ -325,9 +325,9 @@ class EvalConfig(ModelDataArguments):
 
     Results go to `results_dir/output_file` (CSV), the same name with `.json` and `.png`, and per-pair scores to
     `results_dir/<output_file stem>_pairs/`. A (model_dir, checkpoint, dataset_path, max_eval_samples) already
-    in the results is skipped unless `force`, its weights changed since, or a setting that changes its numbers
-    differs (dtype, seed, pixel limits, num_irrelevant_pairs, irrelevant_mode, max_seq_length, on_bad_sample: the
-    log says which). `packing` and `attn_implementation` change the numbers only by float round-off, so a result
+    in the results is skipped unless `force`, its weights or the data file changed since, or a setting that
+    changes its numbers differs (dtype, seed, pixel limits, video sampling, num_irrelevant_pairs, irrelevant_mode,
+    max_seq_length, on_bad_sample: the log says which). `packing` and `attn_implementation` change the numbers only by float round-off, so a result
     is reused across them.
     """
 

@@ -11,9 +11,16 @@ entry per completion; for a vision dataset the ``image`` or ``images`` column ca
 into the prompt's image parts, where this reads them when the column is absent). Prompts and completions may be
 plain strings or conversational messages. The return value is one float per completion.
 
-A GRPO group is several completions of one prompt with one image. ``RewardScorer.score`` scores rows with equal
-prompt and images under one prompt node of the packed layout, so the image goes through the vision encoder and the
-prompt through the language model once per group, not once per completion.
+Videos come in a ``video`` column (one video per row) or a ``videos`` column (a list per row), or as the payloads of
+the prompt's ``{"type": "video", "video": ...}`` parts: paths, bytes, ``{"bytes", "path"}`` dicts (a
+``datasets.Video`` column cast with ``decode=False``), frame lists or sampled videos (``vlrm.data.videos``). They are
+sampled with the checkpoint's recorded video settings; a question string gets its videos before the text (or at its
+``<video>`` markers), as ``vlrm.data`` places them in training.
+
+A GRPO group is several completions of one prompt with one image or video. ``RewardScorer.score`` scores rows with
+equal prompt and media under one prompt node of the packed layout, so the image or video goes through the vision
+encoder (and is decoded, for a video) and the prompt through the language model once per group, not once per
+completion.
 """
 
 from __future__ import annotations
@@ -24,7 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from vlrm.data.videos import VideoSettings
 from vlrm.use.scoring import DEFAULT_MAX_SEQ_LENGTH, RewardScorer
+
+MEDIA_COLUMNS = ("image", "images", "video", "videos")  # the dataset columns read; TRL passes every column
 
 
 def _text(content: Any) -> str:
@@ -41,12 +51,13 @@ def _completion_text(completion: Any) -> str:
     return "".join(_text(message.get("content")) for message in completion if message.get("role") == "assistant")
 
 
-def _prompt_and_images(prompt: Any, images: Sequence | None) -> tuple[Any, list]:
-    """Messages with ``{"type": "image"}`` parts (payloads removed) and the images in their order. Images come from
-    the dataset column when given, else from the parts' payloads (TRL's ``prepare_multimodal_messages`` fills them)."""
+def _prompt_and_media(prompt: Any, images: Sequence | None, videos: Sequence | None) -> tuple[Any, list, list]:
+    """Messages with ``{"type": "image"}`` / ``{"type": "video"}`` parts (payloads removed), the images and the videos
+    in their order. Media come from the dataset's columns when given, else from the parts' payloads (TRL's
+    ``prepare_multimodal_messages`` fills the images'); a question string is left to ``RewardScorer.score``."""
     if isinstance(prompt, str):
-        return prompt, list(images or [])
-    messages, embedded = [], []
+        return prompt, list(images or []), list(videos or [])
+    messages, embedded = [], {"image": [], "video": []}
     for message in prompt:
         content = message.get("content")
         if isinstance(content, str):
@@ -54,18 +65,33 @@ def _prompt_and_images(prompt: Any, images: Sequence | None) -> tuple[Any, list]
             continue
         parts = []
         for part in content or []:
-            if part.get("type") == "image":
-                parts.append({"type": "image", "text": None})
-                if part.get("image") is not None:
-                    embedded.append(part["image"])
+            kind = part.get("type")
+            if kind in embedded:
+                parts.append({"type": kind, "text": None})
+                if part.get(kind) is not None:
+                    embedded[kind].append(part[kind])
             else:
                 parts.append({"type": "text", "text": part.get("text") or ""})
         messages.append({"role": message["role"], "content": parts})
-    images = list(images) if images is not None else embedded
-    num_parts = sum(part["type"] == "image" for message in messages for part in message["content"])
-    if num_parts == 0 and images:  # images but no place for them: before the text, as vlrm.data does
-        messages[-1]["content"] = [{"type": "image", "text": None} for _ in images] + messages[-1]["content"]
-    return messages, images
+    images = list(images) if images is not None else embedded["image"]
+    videos = list(videos) if videos is not None else embedded["video"]
+    unplaced = []  # media with no place in the prompt go before the text, videos then images, as vlrm.data does
+    for kind, given in (("video", videos), ("image", images)):
+        if given and not any(part["type"] == kind for message in messages for part in message["content"]):
+            unplaced += [{"type": kind, "text": None} for _ in given]
+    if unplaced:
+        messages[-1]["content"] = unplaced + messages[-1]["content"]
+    return messages, images, videos
+
+
+def _per_row(columns: dict[str, Any], one: str, many: str, count: int) -> list:
+    """Each row's media list from the ``many`` column (a list per row) or the ``one`` column (one value per row,
+    None for none), or None per row when neither column is there (then the prompt's parts carry them)."""
+    if many in columns:
+        return list(columns[many])
+    if one in columns:
+        return [[value] if value is not None else [] for value in columns[one]]
+    return [None] * count
 
 
 class VLRewardFunction:
@@ -99,10 +125,13 @@ class VLRewardFunction:
         base_model_path: str | Path | None = None,
         device_map: str | dict | None = None,
         max_memory: dict | None = None,
+        video_settings: VideoSettings | dict | None = None,
     ) -> VLRewardFunction:
         """``device_map`` / ``max_memory``: a reward model larger than one GPU, split over several (accelerate's
         dispatch, as ``RewardScorer.from_pretrained`` takes them); e.g. the policy on GPUs 0-3 and a 72B reward
-        model on 4-7 with ``device_map="auto", max_memory={4: "75GiB", 5: "75GiB", 6: "75GiB", 7: "75GiB"}``."""
+        model on 4-7 with ``device_map="auto", max_memory={4: "75GiB", 5: "75GiB", 6: "75GiB", 7: "75GiB"}``.
+        ``video_settings``: how videos are sampled, as ``RewardScorer.from_pretrained`` takes it (None: the
+        checkpoint's recorded settings, those it was trained with)."""
         scorer = RewardScorer.from_pretrained(
             checkpoint_dir,
             base_model_path=base_model_path,
@@ -112,25 +141,23 @@ class VLRewardFunction:
             max_seq_length=max_seq_length,
             device_map=device_map,
             max_memory=max_memory,
+            video_settings=video_settings,
         )
         return cls(scorer, normalize=normalize, batch_size=batch_size)
 
     def rows(self, prompts: Sequence, completions: Sequence, **columns: Any) -> list[dict[str, Any]]:
         """The scorer's rows for TRL's arguments."""
-        if "images" in columns:
-            images = columns["images"]
-        elif "image" in columns:
-            images = [[image] if image is not None else [] for image in columns["image"]]
-        else:
-            images = [None] * len(prompts)
+        images = _per_row(columns, "image", "images", len(prompts))
+        videos = _per_row(columns, "video", "videos", len(prompts))
         rows = []
-        for prompt, completion, prompt_images in zip(prompts, completions, images, strict=True):
-            messages, row_images = _prompt_and_images(prompt, prompt_images)
-            rows.append({"prompt": messages, "images": row_images, "response": _completion_text(completion)})
+        for prompt, completion, prompt_images, prompt_videos in zip(prompts, completions, images, videos, strict=True):
+            messages, row_images, row_videos = _prompt_and_media(prompt, prompt_images, prompt_videos)
+            response = _completion_text(completion)
+            rows.append({"prompt": messages, "images": row_images, "videos": row_videos, "response": response})
         return rows
 
     def __call__(self, prompts: Sequence, completions: Sequence, **columns: Any) -> list[float]:
-        columns = {key: value for key, value in columns.items() if key in ("image", "images")}
+        columns = {key: value for key, value in columns.items() if key in MEDIA_COLUMNS}
         rewards = self.scorer.score(
             self.rows(prompts, completions, **columns), self.batch_size, normalize=self.normalize
         )

@@ -5,6 +5,11 @@
     scorer = RewardScorer.from_pretrained("outputs/run/checkpoint-200")
     pair_scores = scorer.score_pairs(dataset, batch_size=16)  # canonical rows -> .chosen, .rejected
     rewards = scorer.score([{"prompt": "What is in the image?", "images": ["cat.png"], "response": "A cat."}])
+    rewards = scorer.score([{"prompt": "What happens?", "videos": ["clip.mp4"], "response": "A cat jumps."}])
+
+Videos (``videos``: paths, bytes, ``{"bytes", "path"}``, frame lists or sampled videos) are sampled with the
+checkpoint's recorded video settings (``scorer.encoder.video_settings``, ``vlrm.data.videos``), each distinct video
+once per ``score`` call (once per batch in ``score_pairs``; a prepared set's videos are sampled already).
 
 Pairs go through the same collator as training (``vlrm.layout.packed.make_collator``), so a score here is exactly the
 reward the trainer saw for that row. ``eval_rm.py`` only orchestrates this class.
@@ -27,9 +32,10 @@ from vlrm.data.prepare import LENGTH_COLUMNS
 from vlrm.data.rankings import responses_of
 from vlrm.data.rows import user_prompt
 from vlrm.data.videos import VideoSettings
+from vlrm.errors import BadSampleError, RowProblem
 from vlrm.layout.attention import enable_packed_attention
 from vlrm.layout.encoder import PreferenceEncoder, apply_pixel_limits
-from vlrm.layout.packed import make_collator, pack_responses, prompt_key
+from vlrm.layout.packed import make_collator, pack_responses, prompt_key, video_key
 from vlrm.layout.padded import pad_rows, split_rewards
 from vlrm.model.heads import attribute_weights, head_settings_of
 from vlrm.model.loading import load_checkpoint
@@ -121,6 +127,16 @@ def _ranking_rewards(
         chosen.append(values[texts.index(example["chosen"])])
         rejected.append(values[len(texts) - 1 - texts[::-1].index(example["rejected"])])
     return row_rewards, torch.tensor(chosen), torch.tensor(rejected)
+
+
+def _media_places(messages: list[dict], kind: str) -> int:
+    """``{"type": kind}`` parts of chat messages (string contents have none)."""
+    return sum(
+        isinstance(part, dict) and part.get("type") == kind
+        for message in messages
+        if not isinstance(message.get("content"), str)
+        for part in message.get("content") or []
+    )
 
 
 def _batches(indices: list[int], batch_size: int):
@@ -243,8 +259,45 @@ class RewardScorer:
             prompt, chosen, rejected = self.encoder.sequence_lengths(row)
         longest = prompt + max(chosen, rejected)
         for other in row.get("irrelevant") or []:
-            longest = max(longest, self.encoder.prompt_length(other["prompt"], other["images"]) + chosen)
+            prompt_tokens = self.encoder.prompt_length(other["prompt"], other["images"], other.get("videos"))
+            longest = max(longest, prompt_tokens + chosen)
         return longest
+
+    def _sampled_videos(self, values: Any, index: int, sampled: dict[tuple, dict]) -> list[dict]:
+        """A row's videos sampled (``encoder.sample_video``), each distinct one once: ``sampled`` maps a video's key
+        (``vlrm.layout.packed.video_key``: its path, bytes, frames or sampled key) to its sampled video for the
+        call. Equal videos then carry one sampled ``key``, so their prompts meet under one prompt node. A bad video
+        raises ``BadSampleError`` naming the row and the field."""
+        if values is None:
+            return []
+        if not isinstance(values, (list, tuple)):  # a lone path would be read as one video per character
+            raise BadSampleError(
+                "rows", index, "videos", f"expected a list of videos (paths, bytes, frame lists, sampled videos), got "
+                f"{type(values).__name__}",
+            )  # fmt: skip
+        videos = []
+        for position, value in enumerate(values):
+            key = video_key(value)
+            if key not in sampled:
+                try:
+                    sampled[key] = self.encoder.sample_video(value)
+                except RowProblem as problem:
+                    raise BadSampleError("rows", index, f"videos[{position}]", problem.reason) from problem
+            videos.append(sampled[key])
+        return videos
+
+    def _with_sampled_videos(self, row: dict, index: int, sampled: dict[tuple, dict]) -> dict:
+        """A canonical row whose videos, and its irrelevant prompts' videos, are sampled (a copy; the row itself
+        when it has none), so that the length check and the collator never decode a video again."""
+        irrelevant = row.get("irrelevant") or []
+        if not row.get("videos") and not any(other.get("videos") for other in irrelevant):
+            return row
+        copy = {**row, "videos": self._sampled_videos(row.get("videos"), index, sampled)}
+        if irrelevant:
+            copy["irrelevant"] = [
+                {**other, "videos": self._sampled_videos(other.get("videos"), index, sampled)} for other in irrelevant
+            ]
+        return copy
 
     def _over_limit(self, lengths: Sequence[int]) -> list[bool]:
         return [self.max_seq_length is not None and tokens > self.max_seq_length for tokens in lengths]
@@ -262,9 +315,11 @@ class RewardScorer:
         self, rows: Sequence[dict], batch_size: int = 8, progress: bool = True, desc: str = "pairs",
         shard: tuple[int, int] | None = None,
     ) -> PairScores:  # fmt: skip
-        """Score canonical rows (a ``datasets.Dataset`` or a sequence of dicts with prompt, images, chosen, rejected,
-        and optionally ``irrelevant`` prompts, see ``vlrm.train.irrelevant.RowsWithIrrelevantPrompts``). A pair with a
-        branch longer than ``max_seq_length`` is not scored: NaN, and listed in ``overlong``.
+        """Score canonical rows (a ``datasets.Dataset`` or a sequence of dicts with prompt, images, videos (optional),
+        chosen, rejected, and optionally ``irrelevant`` prompts, see
+        ``vlrm.train.irrelevant.RowsWithIrrelevantPrompts``). A pair with a branch longer than ``max_seq_length``
+        (visual tokens of images and videos included) is not scored: NaN, and listed in ``overlong``. Videos not yet
+        sampled are sampled once per batch of rows.
 
         ``shard=(rank, size)``: score only every ``size``-th batch of ``batch_size`` rows, starting at batch
         ``rank`` (the other rows stay NaN); ``PairScores.combine`` of all ranks' shards is then the one-process result
@@ -280,7 +335,9 @@ class RewardScorer:
         for batch_indices in tqdm(
             batches, total=len(batches), desc=desc, unit="batch", disable=not progress, leave=False
         ):
-            examples = [rows[index] for index in batch_indices]  # each row read (and its images decoded) once
+            sampled: dict[tuple, dict] = {}  # a batch's distinct videos, each decoded once (then freed)
+            # each row read (and its images decoded, its videos sampled) once
+            examples = [self._with_sampled_videos(rows[index], index, sampled) for index in batch_indices]
             unlimited = self.max_seq_length is None
             lengths = [0 if unlimited else self._longest_branch(example) for example in examples]
             too_long = self._over_limit(lengths)
@@ -334,10 +391,16 @@ class RewardScorer:
         attributes: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
         """Score single responses: each row has ``prompt`` (a question string or chat messages), ``images`` (paths,
-        PIL images or bytes; optional) and ``response``. Returns one float32 reward per row (``normalize``: as
-        ``normalized``); a row longer than ``max_seq_length`` is not scored (NaN, with a warning naming it). With the
-        packed layout, rows with the same prompt and images are scored in one micro-batch under one prompt node: the
-        prompt and its images are computed once for all its responses.
+        PIL images or bytes; optional), ``videos`` (a list of paths, bytes, ``{"bytes", "path"}``, frame lists or
+        sampled videos; optional) and ``response``. A question string gets its media before the text (videos, then
+        images) or where its ``<image>`` / ``<video>`` markers stand; messages place them with ``{"type": "image"}`` /
+        ``{"type": "video"}`` parts, one per image / video, in order (else ``BadSampleError``). Returns one float32
+        reward per row (``normalize``: as ``normalized``); a row longer than ``max_seq_length`` (visual tokens
+        included) is not scored (NaN, with a warning naming it). With the packed layout, rows with the same prompt,
+        images and videos are scored in one micro-batch under one prompt node: the prompt and its media are computed
+        once for all its responses. Each distinct video is decoded and sampled once per call
+        (``encoder.sample_video``), and its frames are held until the call returns: score many distinct videos in
+        chunks. A video that cannot be read raises ``BadSampleError`` naming the row and the field (``videos[j]``).
 
         ``attributes``: for a checkpoint with attribute heads (``reward_attributes``), return ``(rewards, {name:
         float32 rewards})``, each attribute's reward per row (``normalize``: each by its own statistics,
@@ -349,14 +412,22 @@ class RewardScorer:
                 "this checkpoint has no attribute heads (reward_attributes in its config): score without attributes"
             )
         sequences = []
-        for row in rows:
+        sampled: dict[tuple, dict] = {}  # each distinct video decoded and sampled once for the whole call
+        for index, row in enumerate(rows):
             images = list(row.get("images") or [])
+            videos = self._sampled_videos(row.get("videos"), index, sampled)
             prompt = row["prompt"]
-            messages = user_prompt(prompt, len(images)) if isinstance(prompt, str) else prompt
-            sequences.append((messages, images, self.encoder.encode_response(row["response"])))
+            messages = user_prompt(prompt, len(images), len(videos)) if isinstance(prompt, str) else prompt
+            for kind, given in (("image", images), ("video", videos)):
+                places = _media_places(messages, kind)
+                if places != len(given):  # the processor would fail later, or the model on mismatched features
+                    raise BadSampleError(
+                        "rows", index, f"{kind}s", f"{len(given)} {kind}s but {places} {kind} places in the prompt"
+                    )
+            sequences.append((messages, images, self.encoder.encode_response(row["response"]), videos))
         lengths = [  # tokenizing each prompt once more is only worth it when there is a limit to check
-            0 if self.max_seq_length is None else self.encoder.prompt_length(messages, images) + len(ids)
-            for messages, images, ids in sequences
+            0 if self.max_seq_length is None else self.encoder.prompt_length(messages, images, videos) + len(ids)
+            for messages, images, ids, videos in sequences
         ]
         too_long = self._over_limit(lengths)
         self._warn_overlong(
@@ -365,7 +436,7 @@ class RewardScorer:
         kept = [index for index, over in enumerate(too_long) if not over]
         if self.packing:  # rows of one prompt side by side, so a group shares one prompt node in a micro-batch
             first_seen: dict[tuple, int] = {}
-            keys = [first_seen.setdefault(prompt_key(*sequences[index][:2]), index) for index in kept]
+            keys = [first_seen.setdefault(self._prompt_key(sequences[index]), index) for index in kept]
             kept = [index for _, index in sorted(zip(keys, kept, strict=True))]
         rewards = np.full(len(rows), np.nan, dtype=np.float32)
         named = None if self.attribute_names is None else np.full((len(rows), len(self.attribute_names)), np.nan)
@@ -388,6 +459,11 @@ class RewardScorer:
             rewards = self.normalized(rewards, named)
             named = None if named is None else self.normalized_attributes(named)
         return (rewards, named) if attributes else rewards
+
+    @staticmethod
+    def _prompt_key(sequence: tuple) -> tuple:
+        messages, images, _, videos = sequence
+        return prompt_key(messages, images, videos)
 
     @property
     def can_normalize(self) -> bool:

@@ -4,21 +4,25 @@ Its parts: settings and the error shape (``settings``), media decoding (``media`
 (``requests``), micro-batching (``batcher``), and the app itself (this module: routes, body limits, the API key,
 ``/info``, error handlers).
 
-    POST /score       {"items": [{"prompt", "images", "response"}, ...], "normalize": bool?} -> {"rewards": [...]}
+    POST /score       {"items": [{"prompt", "images", "videos", "response"}, ...], "normalize": bool?}
+                      -> {"rewards": [...]}
     POST /get_reward  OpenRLHF's remote reward shape: {"query": [text, ...], "prompts"?, "images"?} -> {"rewards"}
                       both take "attributes": true for a checkpoint with attribute heads (reward_attributes): the
                       reply adds {"attributes": {name: [...]}}, each attribute's rewards (normalised with "normalize")
     GET  /health      {"status": "ok"} (no API key needed, for probes)
-    GET  /info        checkpoint, step, normalisation statistics, limits, batching settings, counters
+    GET  /info        checkpoint, step, normalisation statistics, limits, video limits and sampling, batching
+                      settings, counters
 
-Requests are checked in Starlette's thread pool (JSON, fields, images decoded, tokens counted), then queued. One
-asyncio task takes requests off the queue and merges them into micro-batches of at most ``max_batch_size`` items,
-waiting at most ``max_wait_ms`` after the first one; one thread runs the model, so there are never two forwards at
-once. ``RewardScorer.score`` on the merged rows puts rows with equal prompt and images under one prompt node, so a
-prompt sent by several concurrent requests (the completions of one GRPO group) is computed once.
+Requests are checked in Starlette's thread pool (JSON, fields, images and videos decoded, tokens counted), then
+queued. One asyncio task takes requests off the queue and merges them into micro-batches of at most
+``max_batch_size`` items, waiting at most ``max_wait_ms`` after the first one; one thread runs the model, so there are
+never two forwards at once. ``RewardScorer.score`` on the merged rows puts rows with equal prompt and media under one
+prompt node (a video by its content, however it was sent), so a prompt sent by several concurrent requests (the
+completions of one GRPO group) is computed once.
 
 Every bad request gets a 4xx JSON ``{"error", "item", "field"}`` naming the item and the field; nothing is ever
-truncated, no URL is fetched and no file outside ``image_root`` is read.
+truncated, no URL is fetched, no file outside ``image_root`` is read, and no video frame is decoded before the
+video's header has passed the limits.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 INFO_LIMITS = ("max_items", "max_images", "max_pixels_per_image", "max_body_bytes", "max_drain_bytes",
                "max_pending_items")  # fmt: skip
+# In /info's "video" object (beside the video sampling), so that "limits" keeps its shape for existing clients.
+INFO_VIDEO_LIMITS = ("max_videos", "max_video_bytes", "max_video_seconds", "max_video_frames", "max_video_pixels")
 
 # How long the rest of a body is read after a reply that went out before it (nginx's lingering_time is 30 s too).
 DRAIN_SECONDS = 30.0
@@ -162,7 +168,8 @@ def create_app(scorer: RewardScorer, settings: ServerSettings, checkpoint_dir: s
     async def rewards_for(request: Request, parse) -> dict:
         _authorize(request, settings.api_key)
         body = await _read_body(request, settings.max_body_bytes)
-        rows, options = await run_in_threadpool(parse, body)  # decoding images must not block the event loop
+        # Decoding images and videos must block neither the event loop nor the model thread.
+        rows, options = await run_in_threadpool(parse, body)
         batcher.stats.requests += 1
         if not options.attributes:
             return {"rewards": (await batcher.score(rows, options.normalize)).tolist()}
@@ -200,6 +207,10 @@ def _info(scorer: RewardScorer, settings: ServerSettings, checkpoint_dir: str | 
         "normalization": normalization,
         "normalize_default": settings.normalize,
         "limits": dict(limits, max_seq_length=scorer.max_seq_length, image_root=settings.image_root),
+        "video": {
+            "limits": {name: getattr(settings, name) for name in INFO_VIDEO_LIMITS},
+            "sampling": scorer.encoder.video_settings.identity(),  # how frames are drawn and sized (the checkpoint's)
+        },
         "batching": {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms},
         "model": {
             "device": str(scorer.device),

@@ -1,11 +1,12 @@
 """Micro-batching: one asyncio task merges queued requests into micro-batches, one thread runs the model.
 
 A request waits at most ``max_wait_ms`` for others to join it, up to ``max_batch_size`` items (a request is never
-split); the merged rows go to ``RewardScorer.score``, which puts rows with equal prompt and images under one prompt
-node, so the completions of one GRPO group sent as separate requests share one prompt and one pass of the image
-through the vision encoder. If a merged batch fails, each of its requests is scored alone. With attribute heads
-(``reward_attributes``) every forward returns each attribute's rewards too: a request that asked gets its share, and a
-normalised reward needs them (``RewardScorer.normalized``).
+split); the merged rows go to ``RewardScorer.score``, which puts rows with equal prompt and media under one prompt
+node, so the completions of one GRPO group sent as separate requests share one prompt and one pass of the image or
+video through the vision encoder (videos arrive sampled, decoded by the request parser: the key of a sampled video is
+its content's, however it was sent). If a merged batch fails, each of its requests is scored alone. With attribute
+heads (``reward_attributes``) every forward returns each attribute's rewards too: a request that asked gets its
+share, and a normalised reward needs them (``RewardScorer.normalized``).
 """
 
 from __future__ import annotations

@@ -1,10 +1,16 @@
 """Request bodies -> rows for ``RewardScorer.score``, or a ``RequestError`` naming the item and the field.
 
-``/score`` items are a prompt (a question string, ``<image>`` markers placing the images, or chat messages), images
-and a response. ``/get_reward`` queries (OpenRLHF's remote reward) are full texts, split into prompt and response
-with ``prompts`` or at the last assistant header, the chat text read back into turns that must render to exactly that
-text. Every item's tokens are counted against ``max_seq_length`` here, before it is queued: nothing is truncated.
-Both bodies may ask ``"normalize"`` and, for a checkpoint with attribute heads, ``"attributes"`` (``ScoreOptions``).
+``/score`` items are a prompt (a question string, ``<image>`` / ``<video>`` markers placing the media, else videos
+then images before the text; or chat messages with ``{"type": "image"}`` / ``{"type": "video"}`` parts), images,
+videos and a response. Media are decoded here, in Starlette's thread pool, never on the model thread; a video that
+several items of one request carry is decoded once (``media.VideoDecoder``).
+
+``/get_reward`` queries (OpenRLHF's remote reward) are full texts, split into prompt and response with ``prompts`` or
+at the last assistant header, the chat text read back into turns that must render to exactly that text (images
+only: ``images``, one list per query).
+
+Every item's tokens are counted against ``max_seq_length`` here, before it is queued: nothing is truncated. Both
+bodies may ask ``"normalize"`` and, for a checkpoint with attribute heads, ``"attributes"`` (``ScoreOptions``).
 """
 
 from __future__ import annotations
@@ -19,10 +25,10 @@ from typing import Any
 from vlrm.data.rows import user_prompt
 from vlrm.layout.encoder import PreferenceEncoder
 from vlrm.use.scoring import RewardScorer
-from vlrm.use.server.media import ImageDecoder
+from vlrm.use.server.media import ImageDecoder, VideoDecoder
 from vlrm.use.server.settings import NO_REWARD_STATS, RequestError, ServerSettings, kind_of
 
-ITEM_FIELDS = ("prompt", "images", "response")
+ITEM_FIELDS = ("prompt", "images", "videos", "response")
 ROLES = ("system", "user", "assistant")
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 VISION_PLACEHOLDER = re.compile(r"<\|vision_start\|>(?:<\|image_pad\|>)+<\|vision_end\|>")
@@ -59,10 +65,11 @@ def _text(value: Any, item: int, field_name: str) -> str:
     return value
 
 
-def _messages(prompt: Any, num_images: int, item: int, field_name: str) -> list[dict]:
-    """A question string (``<image>`` markers place the images) or chat messages -> validated chat messages."""
+def _messages(prompt: Any, num_images: int, item: int, field_name: str, num_videos: int = 0) -> list[dict]:
+    """A question string (``<image>`` / ``<video>`` markers place the media) or chat messages -> validated chat
+    messages."""
     if isinstance(prompt, str):
-        return user_prompt(_text(prompt, item, field_name), num_images)
+        return user_prompt(_text(prompt, item, field_name), num_images, num_videos)
     if not isinstance(prompt, list) or not prompt:
         raise RequestError(
             f"expected a question string or a non-empty list of {{role, content}} messages, got {kind_of(prompt)}",
@@ -88,15 +95,17 @@ def _messages(prompt: Any, num_images: int, item: int, field_name: str) -> list[
 
 
 def _part(part: Any, where: str, item: int, field_name: str) -> dict:
-    """An inline image (``{"type": "image", "image": url}``) is refused: images travel in the item's ``images``."""
+    """An inline image or video (``{"type": "image", "image": url}``) is refused: media travel in the item's
+    ``images`` and ``videos``."""
     if isinstance(part, dict) and set(part) <= {"type", "text"}:
-        if part.get("type") == "image" and part.get("text") is None:
-            return {"type": "image", "text": None}
+        if part.get("type") in ("image", "video") and part.get("text") is None:
+            return {"type": part["type"], "text": None}
         if part.get("type") == "text" and isinstance(part.get("text"), str):
             return {"type": "text", "text": part["text"]}
     raise RequestError(
-        f"{where}: expected {{type: text, text: str}} or {{type: image}}, got {part!r:.80}", item, field_name
-    )
+        f"{where}: expected {{type: text, text: str}}, {{type: image}} or {{type: video}}, got {part!r:.80}",
+        item, field_name,
+    )  # fmt: skip
 
 
 def split_query(query: str, prompt: str | None, item: int) -> tuple[str, str]:
@@ -148,6 +157,9 @@ class RequestParser:
         self.encoder = PreferenceEncoder(copy.deepcopy(scorer.processor), scorer.encoder.video_settings)
         self.tokenizer_lock = threading.Lock()
         self.images = ImageDecoder(settings.image_root, settings.max_pixels_per_image, settings.max_body_bytes)
+        # Sampled with the scorer's video settings and patch factor (the same processor), so the frames are the ones
+        # the scorer would draw from the same file.
+        self.videos = VideoDecoder(settings, self.encoder.sample_video)
         self.settings, self.max_seq_length = settings, scorer.max_seq_length
         self.can_normalize = scorer.can_normalize
         self.attribute_names = scorer.attribute_names
@@ -166,17 +178,20 @@ class RequestParser:
         payload = _json_object(body, ("items", "normalize", "attributes"))
         items = self._list(payload, "items")
         options = self._options(payload)
-        rows = []
+        rows, videos = [], {}  # videos: this request's decoded videos by content, each decoded once
         for index, item in enumerate(items):
             if not isinstance(item, dict):
-                raise RequestError(f"expected an object {{prompt, images, response}}, got {kind_of(item)}", index)
+                raise RequestError(
+                    f"expected an object {{prompt, images, videos, response}}, got {kind_of(item)}", index
+                )
             unknown = [key for key in item if key not in ITEM_FIELDS]
             if unknown:
                 raise RequestError(f"unknown field; expected: {', '.join(ITEM_FIELDS)}", index, unknown[0])
             for name in ("prompt", "response"):
                 if name not in item:
                     raise RequestError("missing", index, name)
-            rows.append(self._row(index, item["prompt"], item.get("images", []), item["response"]))
+            media = {"images": item.get("images", []), "videos": item.get("videos", []), "decoded_videos": videos}
+            rows.append(self._row(index, item["prompt"], response=item["response"], **media))
         return rows, options
 
     def get_reward_request(self, body: bytes) -> tuple[list[dict], ScoreOptions]:
@@ -264,29 +279,45 @@ class RequestParser:
 
     def _row(
         self, item: int, prompt: Any, images: Any, response: Any, prompt_field: str = "prompt",
-        response_field: str = "response",
+        response_field: str = "response", videos: Any = (), decoded_videos: dict | None = None,
     ) -> dict:  # fmt: skip
+        """The scorer's row of one item: checked cheaply first (types, counts, places), then its media decoded and its
+        tokens counted. ``decoded_videos``: the request's videos decoded so far, shared by its items."""
         if not isinstance(images, list):
             raise RequestError(f"expected a list of images, got {kind_of(images)}", item, "images")
         if len(images) > self.settings.max_images:
             raise RequestError(f"{len(images)} images, over --max_images={self.settings.max_images}", item, "images")
+        if not isinstance(videos, (list, tuple)):  # a tuple: the default, no videos (JSON gives lists)
+            raise RequestError(f"expected a list of videos, got {kind_of(videos)}", item, "videos")
+        if len(videos) > self.settings.max_videos:
+            raise RequestError(f"{len(videos)} videos, over --max_videos={self.settings.max_videos}", item, "videos")
         response = _text(response, item, response_field)
-        messages = _messages(prompt, len(images), item, prompt_field)
-        places = sum(part["type"] == "image" for message in messages for part in message["content"])
-        if places != len(images):
-            raise RequestError(f"{len(images)} images but {places} image places in the prompt", item, "images")
+        messages = _messages(prompt, len(images), item, prompt_field, len(videos))
+        for kind, given in (("image", images), ("video", videos)):
+            places = sum(part["type"] == kind for message in messages for part in message["content"])
+            if places != len(given):
+                raise RequestError(f"{len(given)} {kind}s but {places} {kind} places in the prompt", item, f"{kind}s")
         decoded = [self.images.decode(value, item, f"images[{index}]") for index, value in enumerate(images)]
-        self._check_length(item, messages, decoded, response, prompt_field, response_field)
-        return {"prompt": messages, "images": decoded, "response": response}
+        decoded_videos = {} if decoded_videos is None else decoded_videos
+        sampled = [
+            self.videos.decode(value, item, f"videos[{index}]", decoded_videos) for index, value in enumerate(videos)
+        ]
+        self._check_length(item, messages, decoded, response, prompt_field, response_field, sampled)
+        return {"prompt": messages, "images": decoded, "videos": sampled, "response": response}
 
     def _check_length(
-        self, item: int, messages: list, images: list, response: str, prompt_field: str, response_field: str
-    ) -> None:
+        self, item: int, messages: list, images: list, response: str, prompt_field: str, response_field: str,
+        videos: list[dict],
+    ) -> None:  # fmt: skip
         with self.tokenizer_lock:
             try:
                 prompt_tokens = self.encoder.prompt_length(messages, images)
             except ValueError as error:  # the image processor refuses some shapes (aspect ratio over 200)
                 raise RequestError(f"the image processor refuses an image: {error}", item, "images") from error
+            try:  # prompt_length(messages, images, videos) in two steps, so that a refusal names its field
+                prompt_tokens += sum(self.encoder.video_expansion(video) for video in videos)
+            except ValueError as error:
+                raise RequestError(f"the video processor refuses a video: {error}", item, "videos") from error
             response_tokens = len(self.encoder.encode_response(response))
         total = prompt_tokens + response_tokens
         if self.max_seq_length is not None and total > self.max_seq_length:

@@ -21,8 +21,9 @@ class ServerSettings:
     image_root: str | None = field(
         default=None,
         metadata={
-            "help": "Directory image paths are read from (relative to it, or absolute inside it; `..` and symlinks "
-            "are resolved and must stay inside). None: paths are refused, only data: URLs and base64 are accepted."
+            "help": "Directory image and video paths are read from (relative to it, or absolute inside it; `..` and "
+            "symlinks are resolved and must stay inside). None: paths are refused, only data: URLs (and base64 "
+            "images) are accepted."
         },
     )
     api_key: str | None = field(
@@ -50,6 +51,17 @@ class ServerSettings:
         default=4096 * 4096,
         metadata={"help": "Most pixels (width x height) of an image as sent, read from its header before decoding."},
     )
+    # Videos: every limit below is checked from the container's header before a frame is decoded (media.py).
+    max_videos: int = field(default=4, metadata={"help": "Most videos in one item (0: videos refused)."})
+    max_video_bytes: int = field(
+        default=128 * 2**20,
+        metadata={"help": "Largest video file read under --image_root, or video in a data: URL, in bytes."},
+    )
+    max_video_seconds: float = field(default=600.0, metadata={"help": "Longest video, in seconds."})
+    max_video_frames: int = field(default=36_000, metadata={"help": "Most frames in a video (before sampling)."})
+    max_video_pixels: int = field(
+        default=3840 * 2160, metadata={"help": "Most pixels (width x height) of a video's frames as sent."}
+    )
     max_body_bytes: int = field(
         default=64 * 2**20, metadata={"help": "Largest request body in bytes, and largest image file read."}
     )
@@ -66,9 +78,14 @@ class ServerSettings:
     )
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_items", "max_images", "max_pixels_per_image", "max_body_bytes"):
+        for name in ("max_batch_size", "max_items", "max_images", "max_pixels_per_image", "max_body_bytes",
+                     "max_video_bytes", "max_video_frames", "max_video_pixels"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_videos < 0:
+            raise ValueError(f"max_videos must be >= 0, got {self.max_videos}")
+        if not self.max_video_seconds > 0:
+            raise ValueError(f"max_video_seconds must be > 0, got {self.max_video_seconds}")
         if self.max_drain_bytes < 0:
             raise ValueError(f"max_drain_bytes must be >= 0, got {self.max_drain_bytes}")
         if self.max_wait_ms < 0:
