@@ -106,7 +106,7 @@ LEADING_COLUMNS = [
     "reward_mean", "reward_std", "wall_time_s", "load_s", "pairs_per_s", "macro_accuracy",
 ]  # fmt: skip
 TRAILING_COLUMNS = [
-    "model_dir", "checkpoint_path", "dataset_path", "max_eval_samples", *RESULT_SETTINGS, "weights_mtime",
+    "model_dir", "checkpoint_path", "dataset_path", "max_eval_samples", *RESULT_SETTINGS, "weights_mtime", "data_mtime",
     "pairs_file", "evaluated_at",
 ]  # fmt: skip
 JSON_ONLY = ("overlong_ids", "bias")  # lists: in the JSON, not the CSV
@@ -374,6 +374,17 @@ def dataset_entries(config: EvalConfig) -> list[tuple[str, str]]:
     return entries
 
 
+def data_mtime(path: str) -> float | None:
+    """Newest modification time of a data set's files (a file, or a ``save_to_disk`` dir), None for a hub id: when it
+    changes, the set was rewritten at the same path and an earlier score on it is stale."""
+    local = Path(path)
+    if local.is_file():
+        return local.stat().st_mtime
+    if local.is_dir():
+        return max((file.stat().st_mtime for file in local.rglob("*") if file.is_file()), default=None)
+    return None
+
+
 def plan(config: EvalConfig, entries: list[tuple[str, str]], results: list[dict]) -> tuple[list, dict]:
     """The sweep's result keys, and per checkpoint to (re-)score, the dataset names it still needs."""
     previous = {result_key(row): row for row in results if row["status"] == "ok"}
@@ -391,6 +402,8 @@ def plan(config: EvalConfig, entries: list[tuple[str, str]], results: list[dict]
                 why = [f"{k} {done.get(k)!r} -> {v!r}" for k, v in settings.items() if done.get(k) != v]
                 if done.get("weights_mtime") != weights_mtime(checkpoint.path):
                     why.insert(0, "weights changed since it was evaluated")
+                if done.get("data_mtime") != data_mtime(path):
+                    why.insert(0, "the data set changed since it was evaluated")
                 if not why:
                     continue
                 logger.info("%s/%s on %s: %s; evaluating again", model_dir, checkpoint.name, name, "; ".join(why))
@@ -561,12 +574,24 @@ def evaluate_checkpoint(config: EvalConfig, model_dir: str, checkpoint: Any, eva
     if errors:  # on any rank: every rank skips the checkpoint, so none waits for the others' scores
         failure = {"status": "error", "error": errors[0]}
         rows = [
-            base | failure | {"dataset": e.name, "dataset_path": e.path, "dataset_benchmark": e.benchmark}
+            base
+            | failure
+            | {
+                "dataset": e.name,
+                "dataset_path": e.path,
+                "dataset_benchmark": e.benchmark,
+                "data_mtime": data_mtime(e.path),
+            }
             for e in eval_sets
         ]
         return (rows if ranks.main else []), None
     for eval_set in eval_sets:
-        row = base | {"dataset": eval_set.name, "dataset_path": eval_set.path, "dataset_benchmark": eval_set.benchmark}
+        row = base | {
+            "dataset": eval_set.name,
+            "dataset_path": eval_set.path,
+            "dataset_benchmark": eval_set.benchmark,
+            "data_mtime": data_mtime(eval_set.path),
+        }
         desc = f"{checkpoint.name} {eval_set.name}"
         scores, error, seconds = score_on_every_rank(scorer, eval_set, config, ranks, desc)
         if not ranks.main:
@@ -621,8 +646,14 @@ def summary_table(rows: list[dict]) -> pd.DataFrame:
     return wide.reset_index()  # rows in the order of ``rows`` (pivot_table keeps it with sort=False)
 
 
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
 def reference_lines(rows: list[dict], eval_sets: list[EvalSet]) -> list[str]:
-    """Published numbers next to our best checkpoint, for every dataset recognised as a benchmark."""
+    """Published numbers next to our best checkpoint, for every dataset recognised as a benchmark: overall and macro,
+    Acc+ where the benchmark reports it (MM-RLHF-RewardBench), and a line of per-category accuracies where the
+    references have them (VideoRewardBench's dimensions)."""
     lines = []
     for eval_set in eval_sets:
         references = REFERENCE_RESULTS.get(eval_set.benchmark or "", [])
@@ -631,15 +662,28 @@ def reference_lines(rows: list[dict], eval_sets: list[EvalSet]) -> list[str]:
             continue
         best = max(ours, key=lambda row: row["accuracy"])
         macro = "" if best.get("macro_accuracy") is None else f", macro {100 * best['macro_accuracy']:.1f}"
+        acc_plus = "" if best.get("acc_plus") is None else f", acc+ {100 * best['acc_plus']:.1f}"
+        categories = list(dict.fromkeys(name for ref in references for name in ref.get("per_category") or {}))
         lines.append(f"{eval_set.name} ({eval_set.benchmark}), published results (percent):")
-        lines += [
-            f"  {ref['model']:<24} overall {ref['overall'] if ref['overall'] is not None else 'n/a':>5}  "
-            f"macro {ref['macro'] if ref['macro'] is not None else 'n/a':>5}  ({ref['source']})"
-            for ref in references
-        ]
+        for ref in references:
+            plus = f"  acc+ {_percent(ref['acc_plus']):>5}" if "acc_plus" in ref else ""
+            lines.append(
+                f"  {ref['model']:<24} overall {_percent(ref['overall']):>5}  macro {_percent(ref['macro']):>5}{plus}"
+                f"  ({ref['source']})"
+            )
+            if ref.get("per_category"):
+                lines.append("      " + " | ".join(f"{name} {_percent(ref['per_category'].get(name))}"
+                                                   for name in categories))  # fmt: skip
         lines.append(
-            f"  {'ours: ' + best['model'] + '/' + best['checkpoint']:<24} overall {100 * best['accuracy']:.1f}{macro}"
+            f"  {'ours: ' + best['model'] + '/' + best['checkpoint']:<24} overall {100 * best['accuracy']:.1f}"
+            f"{macro}{acc_plus}"
         )
+        if categories:
+            per_category = best.get("per_category") or {}
+            lines.append("      " + " | ".join(
+                f"{name} {_percent(100 * per_category[name]['accuracy'] if name in per_category else None)}"
+                for name in categories
+            ))  # fmt: skip
     return lines
 
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from vlrm.data.prepare import load_preference_dataset
+from vlrm.data.videos import write_clip
 from vlrm.metrics import bias_diagnostics, evaluate_pairs
 from vlrm.use.scoring import RewardScorer
 
@@ -81,22 +82,26 @@ def test_multimodal_rewardbench_better_both_ways(tmp_path, images):
         load_preference_dataset(_jsonl(tmp_path / "bad_mmrb.jsonl", rows))
 
 
-def test_mm_rlhf_acc_plus_ties_and_skipped_videos(tmp_path, images):
+def test_mm_rlhf_acc_plus_ties_and_video_rows(tmp_path, images):
     def pair(group, index, video=None):
         return {"id": group, "image": None if video else images[index % 3], "video": video,
                 "prompt": f"Prompt {group}?", "chosen": f"good {index}", "rejected": f"bad {index}"}  # fmt: skip
 
+    (tmp_path / "video").mkdir()
+    frames = np.zeros((4, 56, 56, 3), dtype=np.uint8)
+    write_clip(tmp_path / "video" / "clip.mp4", frames + np.arange(4, dtype=np.uint8)[:, None, None, None] * 60, 2.0)
     rows = [pair("g1", 0), pair("g1", 1), pair("g1", 2), pair("g2", 3), pair("g2", 4), pair("g3", 5),
-            pair("g4", 6, video="clip.mp4")]  # fmt: skip
+            pair("g4", 6, video="video/clip.mp4")]  # fmt: skip
     dataset, report = load_preference_dataset(_jsonl(tmp_path / "mmrlhf.jsonl", rows))  # on_bad_sample="error"
-    assert report.num_unsupported == 1 and "row 6 `video`: video rows are not supported" in report.summary()
-    assert dataset["group"] == ["g1", "g1", "g1", "g2", "g2", "g3"] and len(set(dataset["id"])) == 6
-    # g1: all right; g2: one tie (wrong); g3: wrong. Acc = 3/6 with the tie wrong; Acc+ = 1/3.
-    chosen = np.array([2.0, 2.0, 2.0, 1.0, 3.0, 0.0])
-    rejected = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert report.num_unsupported == 0 and len(dataset) == 7  # video rows are scored, inside the protocol
+    assert dataset["group"] == ["g1", "g1", "g1", "g2", "g2", "g3", "g4"] and len(set(dataset["id"])) == 7
+    assert len(dataset[6]["videos"]) == 1 and dataset[6]["category"] == "video" and not dataset[6]["images"]
+    # g1: all right; g2: one tie (wrong); g3: wrong; g4 (the video row): right. Acc+ = 2/4.
+    chosen = np.array([2.0, 2.0, 2.0, 1.0, 3.0, 0.0, 1.0])
+    rejected = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
     metrics = evaluate_pairs(chosen, rejected, dataset["category"], groups=dataset["group"])
-    assert metrics["accuracy"] == pytest.approx(4 / 6) and metrics["num_ties"] == 1
-    assert metrics["acc_plus"] == pytest.approx(1 / 3) and metrics["num_groups"] == 3
+    assert metrics["accuracy"] == pytest.approx(5 / 7) and metrics["num_ties"] == 1
+    assert metrics["acc_plus"] == pytest.approx(2 / 4) and metrics["num_groups"] == 4
 
 
 def test_bias_diagnostics_by_hand():
@@ -196,8 +201,9 @@ def test_benchmark_layouts_read_from_parquet_and_save_to_disk(tmp_path, images):
         {"id": "g2", "image": None, "video": "clip.mp4", "prompt": "V?", "chosen": "good", "rejected": "bad"},
     ]
     pd.DataFrame(rows).to_parquet(tmp_path / "mmrlhf.parquet")
-    dataset, report = load_preference_dataset(tmp_path / "mmrlhf.parquet")
-    assert dataset["group"] == ["g1", "g1"] and report.num_unsupported == 1
+    dataset, report = load_preference_dataset(tmp_path / "mmrlhf.parquet", on_bad_sample="skip")
+    # The video row is read (a null image column next to it), and its clip, not shipped here, counted as bad.
+    assert dataset["group"] == ["g1", "g1"] and report.num_skipped == 1 and "video file not found" in report.skipped[0]
     assert set(dataset["benchmark"]) == {"mm_rlhf"}
     vlrb = datasets.Dataset.from_list(
         [

@@ -14,7 +14,7 @@ from tests.test_packing import _assert_same_rewards_and_grads, _text
 from vlrm.data import videos as video_module
 from vlrm.data.prepare import load_preference_dataset
 from vlrm.data.videos import VideoSettings, read_header, sample_video, write_clip
-from vlrm.errors import BadSampleError
+from vlrm.errors import BadSampleError, RowProblem
 from vlrm.layout.attention import enable_packed_attention
 from vlrm.layout.encoder import PreferenceEncoder
 from vlrm.model.families import family_of
@@ -283,3 +283,18 @@ def test_bad_videos_are_skipped_and_counted(tmp_path, family_dirs):
     )
     assert len(dataset) == 1 and report.num_skipped == 4
     assert all("`videos`" in reason for reason in report.skipped)
+
+
+def test_a_directory_of_frames_is_a_video(tmp_path):
+    """MM-RLHF's evaluation script stores each video as a folder of frames: read in name order at video_fps."""
+    frames = _frames(6, 6)
+    (tmp_path / "clip").mkdir()
+    for index, frame in enumerate(frames):
+        Image.fromarray(frame).save(tmp_path / "clip" / f"{index:03d}.png")
+    sampled = sample_video("clip", SMALL, 28, base_dir=tmp_path)
+    assert sampled["frames_indices"] == list(range(6)) and sampled["fps"] == SMALL.fps
+    listed = sample_video([Image.fromarray(frame) for frame in frames], SMALL, 28)
+    assert [np.asarray(f).tolist() for f in sampled["frames"]] == [np.asarray(f).tolist() for f in listed["frames"]]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RowProblem, match="holds no frame image"):
+        sample_video("empty", SMALL, 28, base_dir=tmp_path)

@@ -111,7 +111,8 @@ def evaluate_pairs(
 ) -> dict[str, Any]:
     """Every preference metric of one scored set: a flat dict of numbers plus ``per_category`` (a dict, empty when
     the rows carry no category). ``accuracy_ci_low``/``accuracy_ci_high`` bound a 95% bootstrap interval; with
-    ``groups``, ``acc_plus`` (``group_accuracy``) and ``num_groups``."""
+    ``groups``, ``acc_plus`` (``group_accuracy``) and ``num_groups``, overall and in each category (MM-RLHF-RewardBench
+    reports Acc+ per category too)."""
     chosen, rejected = _check_pairs(chosen, rejected)
     metrics: dict[str, Any] = preference_metrics(chosen, rejected)
     correct = chosen > rejected
@@ -122,6 +123,12 @@ def evaluate_pairs(
     metrics["macro_accuracy"] = macro
     metrics["per_category"] = per_category
     metrics["acc_plus"], metrics["num_groups"] = group_accuracy(correct, groups)
+    if metrics["acc_plus"] is not None and per_category:
+        labels = np.asarray([UNCATEGORIZED if category is None else str(category) for category in categories])
+        group_labels = np.asarray(list(groups), dtype=object)
+        for label, values in per_category.items():
+            in_category = labels == label
+            values["acc_plus"], values["num_groups"] = group_accuracy(correct[in_category], group_labels[in_category])
     metrics.update(reward_statistics(chosen, rejected))
     return metrics
 

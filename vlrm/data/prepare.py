@@ -52,15 +52,15 @@ import numpy as np
 from filelock import FileLock
 
 from vlrm.data.images import resolve_image
-from vlrm.data.videos import sample_video, stored_video
 from vlrm.data.rankings import responses_of
 from vlrm.data.rows import CANONICAL_FEATURES, images_key, map_row
 from vlrm.data.sources import RawRows
+from vlrm.data.videos import sample_video, stored_video
 from vlrm.errors import BadSampleError, RowProblem, UnsupportedRow
 
 logger = logging.getLogger(__name__)
 
-PREPARE_VERSION = 4  # bump when a prepared row changes meaning: every cache entry is rebuilt (4: videos)
+PREPARE_VERSION = 5  # bump when a prepared row changes meaning: every cache entry is rebuilt (5: video benchmarks)
 WRITER_BATCH_ROWS = 64  # rows buffered per Arrow write: bounds each worker's memory whatever the image sizes
 AUTO_PARALLEL_ROWS = 2000  # below this many rows, starting worker processes costs more than it saves
 MAX_REASONS = 20  # bad and over-long rows listed by name in a report (all are counted)
@@ -126,7 +126,7 @@ class SourceReport:
     skipped: list[str] = field(default_factory=list)  # the first MAX_REASONS
     num_overlong: int = 0
     overlong: list[str] = field(default_factory=list)
-    num_unsupported: int = 0  # benchmark rows vlrm cannot score (videos)
+    num_unsupported: int = 0  # benchmark rows vlrm cannot score (UnsupportedRow; no layout raises it today)
     unsupported: list[str] = field(default_factory=list)
     max_seq_length: int | None = None
     cache_hits: int = 0

@@ -4,21 +4,34 @@ and caches the result.
 
 Accepted layouts:
 
-- vlrm / seed README: ``{"question" | "prompt" | "query": str, "images": [...], "chosen": str, "rejected": str}``
+- vlrm / seed README: ``{"question" | "prompt" | "query": str, "images": [...], "videos": [...], "chosen": str,
+  "rejected": str}`` (either media list may be absent)
 - TRL conversational vision: ``{"prompt": [messages], "chosen": [messages], "rejected": [messages], "images": [...]}``
 - RLAIF-V: ``{"question", "image", "chosen", "rejected"}``
 - VL-RewardBench: ``{"query", "image", "response": [a, b], "human_ranking": [rank_a, rank_b]}`` (lower rank wins)
 - LLaVA / POVID: ``{"conversations": [...], "rejected_conversations": [...], "image"}`` with ``<image>`` markers
-- the benchmarks' own layouts (``vlrm.data.benchmarks``)
+- LLaVA-Video: ``{"video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>\\n..."}, {"from": "gpt",
+  "value": ...}], "rejected_conversations": [...] | "rejected": str}``; LLaVA-Video-178K writes ``<image>`` for its
+  video (LLaVA-NeXT feeds a video's frames through the image token), so a row with videos, no image and no video
+  place reads as many ``<image>`` markers as it has videos as the videos' places
+- ShareGPT preference (LLaMA-Factory): ``{"conversations": [{"from": "human", "value": "<video>..."}], "chosen":
+  {"from": "gpt", "value"}, "rejected": {"from": "gpt", "value"}, "videos" | "images": [...]}``
+- a plain video pair: ``{"video" | "videos", "question" | "prompt" | "query", "chosen", "rejected"}`` (``id``,
+  ``prompt`` and ``video`` together are MM-RLHF-RewardBench's layout: see ``vlrm.data.benchmarks``)
+- the benchmarks' own layouts (``vlrm.data.benchmarks``: VL-RewardBench, Multimodal RewardBench, MM-RLHF-RewardBench,
+  VideoRewardBench)
+- process rows: one or several solutions split into steps, a label per step (``vlrm.data.steps``: VisualPRM400K,
+  VisualProcessBench, generic ``steps`` + ``step_labels``)
 - rows of N responses with ranks (ties allowed), scores or attribute ratings, VLFeedback's native rows among them,
   and a tie on a pair (``vlrm.data.rankings``)
 
 Images may be paths (relative to the data file), PIL images, raw bytes or ``{"bytes": ..., "path": ...}`` dicts
 (checked by ``vlrm.data.images``). Videos (``videos``, or ``video`` as LLaVA-Video / ShareGPT rows name it) may be
-paths, bytes or lists of frame images, placed by ``{"type": "video"}`` parts or ``<video>`` markers; images and videos
-mix in one prompt, each list in its order of appearance (sampled by ``vlrm.data.videos``). Optional fields: ``id``, ``margin``, ``category``. A row that cannot be used raises
-``RowProblem`` naming the field; the caller adds the file and the row index (``BadSampleError``), or, with
-``on_bad_sample="skip"``, drops and counts it.
+paths (relative to the data file), bytes, ``{"bytes", "path"}`` dicts or lists of frame images, placed by
+``{"type": "video"}`` parts or ``<video>`` markers, else before the text; images and videos mix in one prompt, each
+list in its order of appearance (sampled by ``vlrm.data.videos``). Optional fields: ``id``, ``margin``,
+``category``. A row that cannot be used raises ``RowProblem`` naming the field; the caller adds the file and the row
+index (``BadSampleError``), or, with ``on_bad_sample="skip"``, drops and counts it.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ import datasets
 
 import vlrm.data.benchmarks as benchmarks
 import vlrm.data.rankings as rankings
+import vlrm.data.steps as steps
 from vlrm.errors import RowProblem
 
 QUESTION_KEYS = ("question", "prompt", "query")
@@ -74,6 +88,9 @@ CANONICAL_FEATURES = datasets.Features(
         "ratings": datasets.List(datasets.List(datasets.Value("float32"))),  # [N][A]; NaN: not rated
         "rating_names": datasets.List(datasets.Value("string")),
         "tie": datasets.Value("bool"),  # a pair whose two responses are equally good
+        # Process rows (vlrm.data.steps): each solution's steps and one label per step (NaN: neutral); else null.
+        "steps": datasets.List(datasets.List(datasets.Value("string"))),
+        "step_labels": datasets.List(datasets.List(datasets.Value("float32"))),
     }
 )
 
@@ -101,9 +118,12 @@ def _as_list(value: Any) -> list:
 
 
 def _assistant_text(value: Any, field_name: str) -> str:
-    """A response: a string, or TRL's ``[{"role": "assistant", "content": ...}]``."""
+    """A response: a string, TRL's ``[{"role": "assistant", "content": ...}]``, or a ShareGPT message
+    ``{"from": "gpt", "value": ...}`` (LLaMA-Factory's preference rows)."""
     if isinstance(value, str):
         return _text(value, field_name)
+    if isinstance(value, dict) and "value" in value:
+        return _text(value["value"], field_name)
     messages = _as_list(value)
     if len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "assistant":
         raise RowProblem(field_name, "expected a string or a single assistant message")
@@ -176,11 +196,17 @@ def map_row(raw: dict[str, Any], benchmark: str | None = None) -> dict[str, Any]
         raw = benchmarks.multimodal_rewardbench_fields(raw)
     elif kind == benchmarks.MM_RLHF_REWARDBENCH:
         raw = benchmarks.mm_rlhf_fields(raw)
+    elif kind == benchmarks.VIDEO_REWARDBENCH:
+        raw = benchmarks.videorewardbench_fields(raw)
     images = _as_list(raw.get("images", raw.get("image", raw.get("img_path"))))
     videos = raw.get("videos", raw.get("video"))
     videos = [videos] if isinstance(videos, (str, bytes, dict)) else _as_list(videos)
     media = (len(images), len(videos))
-    if rankings.is_ranking_row(raw):  # N responses with ranks, scores or ratings (VLFeedback, ranked lists)
+    if steps.is_step_row(raw):  # solutions split into steps, a label per step (VisualPRM400K, VisualProcessBench)
+        fields = steps.step_fields(raw)
+        question = {"question": fields.pop("question")} if "question" in fields else {}
+        pair = {"prompt": _question_prompt(raw | question, media), **fields}
+    elif rankings.is_ranking_row(raw):  # N responses with ranks, scores or ratings (VLFeedback, ranked lists)
         pair = {"prompt": _question_prompt(raw, media), **rankings.ranking_labels(raw)}
     elif "conversations" in raw:  # LLaVA / POVID
         pair = _llava_pair(raw, media)
@@ -188,14 +214,14 @@ def map_row(raw: dict[str, Any], benchmark: str | None = None) -> dict[str, Any]
         pair = _vl_rewardbench_pair(raw, media)
     else:
         pair = _chosen_rejected_pair(raw, media)
-    prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
+    prompt, chosen, rejected = _video_places(pair["prompt"], *media), pair["chosen"], pair["rejected"]
     tie = None if pair.get("responses") is not None else rankings.pair_tie(raw)
     if chosen.strip() == rejected.strip() and pair.get("responses") is None:
         raise RowProblem("rejected", "identical to chosen: no preference to learn")
-    for kind, given in (("image", images), ("video", videos)):
-        places = sum(part["type"] == kind for message in prompt for part in message["content"])
+    for medium, given in (("image", images), ("video", videos)):
+        places = sum(part["type"] == medium for message in prompt for part in message["content"])
         if places != len(given):
-            raise RowProblem(f"{kind}s", f"{len(given)} {kind}s but {places} {kind} places in the prompt")
+            raise RowProblem(f"{medium}s", f"{len(given)} {medium}s but {places} {medium} places in the prompt")
     margin = raw.get("margin")
     if margin is not None and not isinstance(margin, (int, float)):
         raise RowProblem("margin", f"expected a number, got {type(margin).__name__}")
@@ -213,10 +239,33 @@ def map_row(raw: dict[str, Any], benchmark: str | None = None) -> dict[str, Any]
         "benchmark": kind,
         **{name: pair.get(name) for name in rankings.RANKING_FIELDS if name != "tie"},
         "tie": tie,
+        **{name: pair.get(name) for name in steps.STEP_FIELDS},
     }
 
 
+def _video_places(prompt: list[dict], num_images: int, num_videos: int) -> list[dict]:
+    """The prompt, its image places read as video places when the row has videos, no image and no video place, and
+    as many image places as videos: LLaVA-Video's rows (LLaVA-Video-178K) write ``<image>`` for their video, because
+    LLaVA-NeXT feeds a video's frames through the image token."""
+    kinds = [part["type"] for message in prompt for part in message["content"]]
+    if num_images or not num_videos or "video" in kinds or kinds.count("image") != num_videos:
+        return prompt
+    return [
+        {**message, "content": [{**part, "type": "video"} if part["type"] == "image" else part
+                                for part in message["content"]]}
+        for message in prompt
+    ]  # fmt: skip
+
+
 def _llava_pair(raw: dict[str, Any], media: tuple[int, int]) -> dict[str, Any]:
+    if "chosen" in raw:  # ShareGPT preference rows (LLaMA-Factory): the question's turns, then chosen / rejected
+        human = [turn for turn in _as_list(raw["conversations"]) if isinstance(turn, dict)
+                 and turn.get("from") in ("human", "user")]  # fmt: skip
+        if not human:
+            raise RowProblem("conversations", "needs a human turn: [{from: human, value}]")
+        question = _text(human[0].get("value"), "conversations")
+        chosen, rejected = _assistant_text(raw["chosen"], "chosen"), _assistant_text(raw.get("rejected"), "rejected")
+        return {"prompt": user_prompt(question, *media), "chosen": chosen, "rejected": rejected}
     question, chosen = _llava_turns(raw["conversations"], "conversations")
     if "rejected_conversations" in raw:
         _, rejected = _llava_turns(raw["rejected_conversations"], "rejected_conversations")

@@ -5,6 +5,7 @@ count. The chosen answer describes the image; the rejected answer gives another 
 exactly as often as it is rejected, so a model that ignores the image cannot beat 0.5.
 
     python -m vlrm synthetic --output_dir .cache/synthetic --num_train 1200 --num_eval 200
+    python -m vlrm synthetic --video --output_dir .cache/synthetic-video --num_train 800   # vlrm.data.synthetic_video
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 215, 20)}
@@ -152,6 +154,83 @@ def write_benchmark_standins(eval_path: Path, seed: int = 0) -> list[Path]:
     return paths
 
 
+VIDEO_REWARDBENCH_DIMENSIONS = ("Long-form Perception", "Short-form Perception", "Knowledge", "Reasoning", "Safety")
+MOTIONS = {"right": "The shape moves to the right.", "left": "The shape moves to the left.",
+           "still": "The shape stays where it is."}  # fmt: skip
+MOTION_QUESTION = "Which way does the shape move?"
+
+
+def gliding_square(direction: str, num_frames: int, width: int, height: int, rng: random.Random) -> np.ndarray:
+    """``[num_frames, height, width, 3]`` uint8 frames of a square of a seeded colour and row crossing a light
+    background left to right, or right to left: each frame alone shows a square somewhere, only their order tells
+    the direction (the task of ``vlrm.data.synthetic_video``, kept apart from that module's controls)."""
+    side, color = height // 3, rng.choice(list(COLORS.values()))
+    top = rng.randint(0, height - side)
+    xs = np.linspace(0, width - side, num_frames).round().astype(int)
+    frames = np.full((num_frames, height, width, 3), 245, dtype=np.uint8)
+    for frame, x in zip(frames, xs if direction == "right" else xs[::-1], strict=True):
+        frame[top : top + side, x : x + side] = color
+    return frames
+
+
+def write_video_benchmark_standins(
+    output_dir: str | Path, num_clips: int = 10, seed: int = 0, num_frames: int = 8, fps: float = 4.0,
+    size: tuple[int, int] = (112, 56),
+) -> tuple[Path, Path]:  # fmt: skip
+    """``standin_mm_rlhf_video.jsonl`` and ``standin_videorewardbench.jsonl`` (+ their clips under ``videos/`` and
+    frames under ``images/``) in ``output_dir``: the video benchmarks' own layouts (``vlrm.data.benchmarks``) on
+    ``num_clips`` clips of one square gliding left or right (``gliding_square``), half each way in a seeded order,
+    ``num_frames`` frames of ``size`` (width, height) at ``fps``. Synthetic **stand-ins** to run the protocols end
+    to end, not the benchmarks.
+
+    - MM-RLHF-RewardBench: per clip, an ``id`` whose right answer meets both wrong ones (the other direction, standing
+      still): an Acc+ group of 2 pairs, the clip in ``video`` beside a null ``image``, with the annotators' reasons;
+      and for every other clip, a group on its first frame (``images/short_*.png``: an image row of the category
+      ``short``) asking whether a shape is there. Video rows fall in the category ``video`` (their path's word).
+    - VideoRewardBench: one pair per clip, ``dimension`` cycling through the five dimensions (as the paper spells
+      them), the right direction chosen.
+
+    Returns the two paths."""
+    from vlrm.data.videos import write_clip  # the video tooling loads on use
+
+    output_dir = Path(output_dir)
+    (output_dir / "videos").mkdir(parents=True, exist_ok=True)
+    (output_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"{seed}-video-standins")
+    directions = [("right", "left")[index % 2] for index in range(num_clips)]
+    rng.shuffle(directions)
+    mm_rlhf, video_rewardbench = [], []
+    for index, direction in enumerate(directions):
+        frames = gliding_square(direction, num_frames, *size, rng)
+        clip = f"videos/standin_{index:05d}.mp4"
+        write_clip(output_dir / clip, frames, fps)
+        right, wrong = MOTIONS[direction], MOTIONS["left" if direction == "right" else "right"]
+        for rejected in (wrong, MOTIONS["still"]):
+            mm_rlhf.append(
+                {"id": f"mmrlhf-video-{index}", "image": None, "video": clip, "prompt": MOTION_QUESTION,
+                 "chosen": right, "rejected": rejected, "chosen_reason": f"It moves {direction}.",
+                 "rejected_reason": "It does not."}
+            )  # fmt: skip
+        if index % 2 == 0:
+            image = f"images/short_standin_{index:05d}.png"
+            Image.fromarray(frames[0]).save(output_dir / image)
+            for rejected in ("No, the image is empty.", "There are two squares."):
+                mm_rlhf.append(
+                    {"id": f"mmrlhf-image-{index}", "image": image, "video": None, "prompt": "Is there a shape?",
+                     "chosen": "Yes, there is one square.", "rejected": rejected, "chosen_reason": "One square.",
+                     "rejected_reason": "Wrong count."}
+                )  # fmt: skip
+        video_rewardbench.append(
+            {"id": f"vrb-{index:05d}", "video": clip, "prompt": MOTION_QUESTION, "chosen": right, "rejected": wrong,
+             "dimension": VIDEO_REWARDBENCH_DIMENSIONS[index % len(VIDEO_REWARDBENCH_DIMENSIONS)]}
+        )  # fmt: skip
+    paths = (output_dir / "standin_mm_rlhf_video.jsonl", output_dir / "standin_videorewardbench.jsonl")
+    for path, layout_rows in zip(paths, (mm_rlhf, video_rewardbench), strict=True):
+        with open(path, "w") as file:
+            file.writelines(json.dumps(layout_row) + "\n" for layout_row in layout_rows)
+    return paths
+
+
 RANKED_COUNTS = {1: "There is one shape.", 2: "There are two shapes.", 3: "There are three shapes.",
                  4: "There are four shapes."}  # fmt: skip
 
@@ -242,7 +321,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image_size", type=int, default=112)
+    parser.add_argument(
+        "--video", action="store_true", help="the video set instead (vlrm.data.synthetic_video: motion direction)"
+    )
     args = parser.parse_args(argv)
+    if args.video:
+        from vlrm.data.synthetic_video import make_video_dataset
+
+        train, held_out = make_video_dataset(args.output_dir, args.num_train, args.num_eval, args.seed)
+        print(f"synthetic video preference set written: {train}, {held_out}, and its controls video_eval_blank.jsonl, "
+              "video_eval_frozen.jsonl, video_eval_reversed.jsonl")  # fmt: skip
+        return 0
     train, held_out = make_synthetic_dataset(
         args.output_dir, args.num_train, args.num_eval, args.seed, args.image_size
     )

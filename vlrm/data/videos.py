@@ -2,7 +2,8 @@
 ``qwen-vl-utils``' rules, kept with the metadata the processor turns into timestamps.
 
 A video in a canonical row (``videos``, one per ``{"type": "video"}`` part) is a path (relative to the data file),
-raw bytes, ``{"bytes", "path"}``, or a list of frame images. ``sample_video`` turns any of them into a **sampled
+raw bytes, ``{"bytes", "path"}``, a list of frame images, or a directory of frame images (read in name order, as
+MM-RLHF's evaluation script stores its videos). ``sample_video`` turns any of them into a **sampled
 video**::
 
     {"frames": [PIL RGB images], "fps": source fps, "frames_indices": [sampled frame numbers],
@@ -207,8 +208,21 @@ def resize_frames(frames: np.ndarray, settings: VideoSettings, factor: int) -> n
     return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
 def is_frame_list(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and not isinstance(value, (bytes, bytearray))
+
+
+def frame_directory(value: Any, base_dir: Path | None) -> list[Path] | None:
+    """The frame images of a video given as a directory path (in name order), or None when it is not a directory."""
+    if not isinstance(value, (str, Path)):
+        return None
+    path = Path(value) if Path(value).is_absolute() or base_dir is None else base_dir / value
+    if not path.is_dir():
+        return None
+    return sorted(file for file in path.iterdir() if file.suffix.lower() in FRAME_SUFFIXES)
 
 
 def is_sampled(value: Any) -> bool:
@@ -245,6 +259,11 @@ def sample_video(
     if is_sampled(value):
         return value
     settings = settings or VideoSettings()
+    directory = frame_directory(value, base_dir)
+    if directory is not None:
+        if not directory:
+            raise RowProblem(field_name, f"video directory {value} holds no frame image ({', '.join(FRAME_SUFFIXES)})")
+        value = [str(frame) for frame in directory]
     if is_frame_list(value):
         frames, fps, indices, total, digest = _frame_list(list(value), base_dir, settings, field_name)
     else:

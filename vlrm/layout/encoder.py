@@ -98,8 +98,9 @@ class PreferenceEncoder:
     tensors (``token_type_ids``, ``image_sizes``, ...) passed to the model as they come.
     """
 
-    def __init__(self, processor: Any, video_settings: VideoSettings | None = None):
+    def __init__(self, processor: Any, video_settings: VideoSettings | None = None, step_separator: str = "\n\n"):
         self.processor = processor
+        self.step_separator = step_separator
         self.tokenizer = processor.tokenizer
         self.grid_images = getattr(getattr(processor, "image_processor", None), "merge_size", None) is not None
         self.end_of_turn = chat_end_of_turn(processor)
@@ -176,6 +177,18 @@ class PreferenceEncoder:
     def encode_response(self, text: str) -> list[int]:
         return self.tokenizer(text + self.end_of_turn, add_special_tokens=False)["input_ids"]
 
+    def encode_steps(self, steps: list[str]) -> tuple[list[int], list[int]]:
+        """A solution's ids and, per step, the offset of its last token (where its score is read): each step's text
+        and the step separator tokenized as one piece, the last step with the turn's end token instead, so the last
+        step's score is read where an outcome reward is. Pieces are tokenized apart (a step's tokens never depend on
+        the next one), the same in training and in use."""
+        ids, ends = [], []
+        for index, step in enumerate(steps):
+            tail = self.end_of_turn if index == len(steps) - 1 else self.step_separator
+            ids += self.tokenizer(step + tail, add_special_tokens=False)["input_ids"]
+            ends.append(len(ids) - 1)
+        return ids, ends
+
     def visual_tokens(self, image: Any) -> int:
         """Visual tokens an image (or a (width, height) size) becomes, from its size alone (no pixels are
         processed); Qwen-style processors only."""
@@ -196,6 +209,9 @@ class PreferenceEncoder:
     def branch_lengths(self, row: dict, image_sizes: list[tuple[int, int]] | None = None) -> tuple[int, list[int]]:
         """(prompt, [each response]) lengths in tokens, visual tokens included; a pair's responses are chosen and
         rejected (``vlrm.data.rankings.responses_of``)."""
+        if row.get("steps") is not None:  # process rows: each solution's steps, piece by piece (encode_steps)
+            lengths = [len(self.encode_steps(list(steps))[0]) for steps in row["steps"]]
+            return self.prompt_length(row["prompt"], image_sizes or row["images"], row.get("videos")), lengths
         texts = [self.prompt_text(row["prompt"])] + [text + self.end_of_turn for text in responses_of(row)]
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         # One call into the Rust tokenizer (this runs once per row of every data set), unless a padded call left its
@@ -245,6 +261,27 @@ class PreferenceEncoder:
                 self.tokenizer(text, add_special_tokens=False)["input_ids"]
             )
         return self._image_expansion[size]
+
+
+def check_step_separator(processor: Any, separator: str, end_of_turn: str) -> None:
+    """Raise ``ValueError`` unless ``separator`` can end a step: not empty, no end-of-turn token in it, and kept as
+    it is by the chat template inside an assistant turn (a template that strips or rewrites it would show the model
+    other text in use than in training)."""
+    if not separator:
+        raise ValueError("step_separator is empty: steps need a separator to end on (default: a blank line)")
+    if end_of_turn and end_of_turn in separator:
+        raise ValueError(f"step_separator {separator!r} holds the end-of-turn token {end_of_turn!r}")
+    text = f"{_SENTINEL} one.{separator}{_SENTINEL} two."
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Q"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": text}]},
+    ]
+    rendered = processor.apply_chat_template(messages, tokenize=False)
+    if text not in rendered:
+        raise ValueError(
+            f"the chat template does not keep step_separator {separator!r} inside an assistant turn: choose a "
+            "separator it keeps (e.g. a blank line)"
+        )
 
 
 def _as_tensor(value: Any) -> torch.Tensor | None:

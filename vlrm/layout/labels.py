@@ -24,7 +24,7 @@ import torch
 
 from vlrm.data.rankings import responses_of
 
-LABEL_FIELDS = ("num_pairs", "num_irrelevant", "margin", "reward_labels")  # collator outputs that are not model inputs
+LABEL_FIELDS = ("num_pairs", "num_irrelevant", "margin", "reward_labels", "step_labels")  # not model inputs
 
 
 def response_tokens(spans: list[tuple[int, int, int]]) -> dict[str, torch.Tensor]:

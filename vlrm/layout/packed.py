@@ -78,46 +78,50 @@ def prompt_key(prompt: list[dict], images: list, videos: list | None = None) -> 
     return json.dumps(prompt, sort_keys=True, default=str), media
 
 
-class _Nodes:
-    """Prompt nodes and the branches under them: (reward position, response ids) per node."""
+class Nodes:
+    """Prompt nodes and the branches under them: (reward position, response ids, step ends) per node. A branch
+    with ``ends`` (a process reward's solution, ``vlrm.layout.steps``) has one reward per step, at positions
+    ``position, position + 1, ...``, read at each step's last token (offsets ``ends`` into the response); else one,
+    at its last token."""
 
     def __init__(self):
         self.index: dict[tuple, int] = {}
         self.prompts: list[tuple[list[dict], list, list, tuple]] = []
-        self.branches: list[list[tuple[int, list[int]]]] = []
+        self.branches: list[list[tuple[int, list[int], list[int] | None]]] = []
 
-    def add(self, prompt: list[dict], images: list, position: int, response: list[int], videos=None) -> None:
+    def add(self, prompt: list[dict], images: list, position: int, response: list[int], videos=None,
+            ends: list[int] | None = None) -> None:  # fmt: skip
         videos = list(videos or [])
         key = prompt_key(prompt, images, videos)
         if key not in self.index:
             self.index[key] = len(self.prompts)
             self.prompts.append((prompt, images, videos, key[1]))
             self.branches.append([])
-        self.branches[self.index[key]].append((position, response))
+        self.branches[self.index[key]].append((position, response, ends))
 
 
 def pack_branches(encoder: PreferenceEncoder, examples: list[dict]) -> dict[str, Any]:
     """The packed row of a micro-batch: input ids, deduplicated images, ``reward_index`` and the layout. Every branch
     (each response of each row, and the irrelevant branches: ``vlrm.layout.padded.reward_branches``) hangs under the
     node of its prompt, so a row's N responses share one prompt node and its images go through the vision tower once."""
-    nodes = _Nodes()
+    nodes = Nodes()
     ordered = reward_branches(encoder, examples)
     for position, (source, ids) in enumerate(ordered):
         nodes.add(source["prompt"], source["images"], position, ids, source.get("videos"))
-    return _pack_nodes(encoder, nodes, len(ordered))
+    return pack_nodes(encoder, nodes, len(ordered))
 
 
 def pack_responses(encoder: PreferenceEncoder, rows: list[tuple]) -> dict[str, Any]:
     """The packed row of single responses ``(prompt messages, images, response ids[, videos])``, reward i for row i.
     Rows with the same prompt, images and videos (a GRPO group: several completions of one prompt) share one prompt
     node, so the prompt and its media are computed once for the group."""
-    nodes = _Nodes()
+    nodes = Nodes()
     for position, (prompt, images, response, *videos) in enumerate(rows):
         nodes.add(prompt, images, position, response, videos[0] if videos else None)
-    return _pack_nodes(encoder, nodes, len(rows))
+    return pack_nodes(encoder, nodes, len(rows))
 
 
-def _pack_nodes(encoder: PreferenceEncoder, nodes: _Nodes, num_rewards: int) -> dict[str, Any]:
+def pack_nodes(encoder: PreferenceEncoder, nodes: Nodes, num_rewards: int) -> dict[str, Any]:
     """The packed row of prompt nodes and their branches, with ``reward_index`` (reward position -> token)."""
     row = _lay_out(encoder, nodes, num_rewards)
     ids = torch.tensor([row["input_ids"]])
@@ -156,7 +160,7 @@ def _add_media(row: dict[str, Any], kind: str, keys: tuple, pixel_values, grids,
         row[order].append(unique[key])
 
 
-def _lay_out(encoder: PreferenceEncoder, nodes: _Nodes, num_rewards: int) -> dict[str, Any]:
+def _lay_out(encoder: PreferenceEncoder, nodes: Nodes, num_rewards: int) -> dict[str, Any]:
     """Token ids, segments and spans node by node; each distinct image's pixel rows once (``image_order``: image
     occurrence -> distinct image)."""
     names = ("input_ids", "segments", "prompt_spans", "node_images", "node_videos", "branch_spans", "pixel_rows",
@@ -183,13 +187,16 @@ def _lay_out(encoder: PreferenceEncoder, nodes: _Nodes, num_rewards: int) -> dic
         row["prompt_spans"].append((prompt_start, prompt_end))
         segments.append((prompt_start, prompt_end, prompt_start, prompt_start))
         spans = []
-        for position, response in sorted(branches, key=lambda branch: branch[0]):
+        for position, response, ends in sorted(branches, key=lambda branch: branch[0]):
             start = len(input_ids)
             input_ids += response
             spans.append((start, len(input_ids)))
             segments.append((start, len(input_ids), prompt_start, prompt_end))
-            row["reward_index"][position] = len(input_ids) - 1
-            row["response_spans"].append((position, start, len(input_ids)))
+            step_start = start
+            for step, end in enumerate(ends if ends is not None else [len(response) - 1]):
+                row["reward_index"][position + step] = start + end
+                row["response_spans"].append((position + step, step_start, start + end + 1))
+                step_start = start + end + 1
         row["branch_spans"].append(spans)
     return row
 

@@ -346,12 +346,12 @@ class EvalConfig(ModelDataArguments):
             "each: one result row per (checkpoint, dataset)."
         },
     )
-    benchmark: Literal["auto", "vl_rewardbench", "multimodal_rewardbench", "mm_rlhf"] = field(
+    benchmark: Literal["auto", "vl_rewardbench", "multimodal_rewardbench", "mm_rlhf", "videorewardbench"] = field(
         default="auto",
         metadata={
             "help": "Read every row as this benchmark's layout (vlrm.data.benchmarks); `auto`: each row's fields tell "
             "(VL-RewardBench: response + human_ranking; Multimodal RewardBench: Output1/Output2/Better; MM-RLHF: "
-            "image and video columns)."
+            "id + prompt + video, or chosen_reason / rejected_reason; VideoRewardBench: a video and a dimension)."
         },
     )
     base_model_path: str | None = field(
