@@ -32,8 +32,9 @@ from transformers import AutoConfig, AutoProcessor, set_seed
 from vlrm.data.prepare import branch_lengths, contiguous_sample, peak_memory_gb, prepare_training_data
 from vlrm.data.videos import VideoSettings
 from vlrm.layout.attention import enable_packed_attention
-from vlrm.layout.encoder import PreferenceEncoder, apply_pixel_limits
+from vlrm.layout.encoder import PreferenceEncoder, apply_pixel_limits, check_step_separator
 from vlrm.layout.packed import make_collator, row_tokens
+from vlrm.layout.steps import StepCollator, record_process_settings
 from vlrm.model.checkpoints import is_lora_checkpoint
 from vlrm.model.families import family_of
 from vlrm.model.heads import configure_head
@@ -94,8 +95,12 @@ processor = AutoProcessor.from_pretrained(config.model_name_or_path)
 apply_pixel_limits(processor, config.min_pixels, config.max_pixels)  # saved with every checkpoint
 # Video sampling (vlrm.data.videos): the config's video_* keys over what the model records (a vlrm checkpoint trained
 # further), else qwen-vl-utils' defaults; recorded in the model's config, so every consumer samples videos the same way.
-video_settings = VideoSettings.from_values(getattr(base_config, "vlrm_video_sampling", None), **config.video_overrides())
-encoder = PreferenceEncoder(processor, video_settings)
+video_settings = VideoSettings.from_values(
+    getattr(base_config, "vlrm_video_sampling", None), **config.video_overrides()
+)
+encoder = PreferenceEncoder(processor, video_settings, config.step_separator)
+if config.reward_type == "process":  # where a step's score is read must survive the chat template (vlrm.layout.steps)
+    check_step_separator(processor, config.step_separator, encoder.end_of_turn)
 if family.end_of_turn and encoder.end_of_turn != family.end_of_turn:
     logger.warning(
         "the chat template ends assistant turns with %r, not %s's %r: rewards are read at %r", encoder.end_of_turn,
@@ -114,6 +119,12 @@ logger.info(
 )  # fmt: skip
 label_counts = LabelCounts.of(train_dataset)
 check_objective(config, label_counts)  # e.g. mse without scores stops here, before any weight is loaded
+if label_counts.step_rows:
+    logger.info(
+        "process reward: %d rows of step-labelled solutions; a score at the end of every step (separator %r, the last "
+        "at %r), %s", label_counts.step_rows, config.step_separator, encoder.end_of_turn,
+        "last steps supervised only" if config.train_on_last_step_only else "every labelled step supervised",
+    )  # fmt: skip
 if label_counts.rankings or label_counts.ties:
     logger.info(
         "labels: %d rows, %d rankings of N responses, %d with ties, %d scored, %d rated (%s); loss_type %s",
@@ -147,6 +158,7 @@ model = VLRewardModel.from_pretrained(
 )
 model.config.pad_token_id = encoder.pad_token_id
 model.config.vlrm_video_sampling = video_settings.identity()
+record_process_settings(model.config, config)  # every consumer reads a process checkpoint's steps the same way
 if config.freeze_vit:
     model.freeze_vision_tower()
 if config.packing:
@@ -166,7 +178,10 @@ if family.moe_note:
 # ----------------------------------------------------------------------------------------------------------------
 # Collators: each pair's prompt with its chosen and rejected branches (+ irrelevant-query branches)
 
-collator = eval_collator = make_collator(encoder, config.packing)
+if config.reward_type == "process":  # every step of every solution under its question's prompt node
+    collator = eval_collator = StepCollator(encoder, config.packing)
+else:
+    collator = eval_collator = make_collator(encoder, config.packing)
 callbacks = [LogFileCallback()]
 if config.use_irrelevant_queries:
 
@@ -196,7 +211,9 @@ trainer = VLRewardTrainer(
     callbacks=callbacks,
 )
 trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-if config.reward_stats_samples:
+if config.reward_stats_samples and config.reward_type == "process":
+    logger.info("process reward: step scores are probabilities (sigmoid), so no reward statistics are recorded")
+elif config.reward_stats_samples:
     # The final model's reward scale, saved in its config: RL code normalises with it (vlrm.use.rewards, serve_rm.py).
     # Drawn in contiguous runs: scattered rows of a memory-mapped set would map most of its file (contiguous_sample).
     sample = contiguous_sample(len(train_dataset), config.reward_stats_samples, config.seed)
@@ -223,7 +240,11 @@ logger.info("final model saved to %s", config.output_dir)
 if eval_dataset is not None:
     metrics = trainer.evaluate()
     trainer.save_metrics("eval", metrics)  # eval_results.json in output_dir
-    if "eval_top1_accuracy" in metrics:  # rows of N responses (or ties): accuracy is over every strict pair
+    if "eval_step_accuracy" in metrics:  # a process reward: each labelled step's score on the right side of 0.5
+        logger.info(
+            "held-out step accuracy: %.4f (%d rows of solutions)", metrics["eval_step_accuracy"], len(eval_dataset)
+        )
+    elif "eval_top1_accuracy" in metrics:  # rows of N responses (or ties): accuracy is over every strict pair
         logger.info(
             "held-out pairwise accuracy %.4f, top-1 accuracy %.4f, Kendall tau %s (%d rows)", metrics["eval_accuracy"],
             metrics["eval_top1_accuracy"], f"{metrics['eval_kendall_tau']:.4f}" if "eval_kendall_tau" in metrics

@@ -56,10 +56,14 @@ def main(argv: list[str]) -> int:
         from vlrm.use.export import main as export_main
 
         return export_main(rest)
-    if command == "synthetic":
-        from vlrm.data.synthetic import main as synthetic_main
-
-        return synthetic_main(rest) or 0
+    if command == "synthetic":  # --video: vlrm.data.synthetic_video; --steps: vlrm.data.synthetic_steps
+        if "--video" in rest:
+            from vlrm.data.synthetic_video import main as synthetic_main
+        elif "--steps" in rest:
+            from vlrm.data.synthetic_steps import main as synthetic_main
+        else:
+            from vlrm.data.synthetic import main as synthetic_main
+        return synthetic_main([part for part in rest if part not in ("--video", "--steps")]) or 0
     from vlrm.tiny.__main__ import main as tiny_main
 
     return tiny_main(rest) or 0

@@ -5,7 +5,8 @@ count. The chosen answer describes the image; the rejected answer gives another 
 exactly as often as it is rejected, so a model that ignores the image cannot beat 0.5.
 
     python -m vlrm synthetic --output_dir .cache/synthetic --num_train 1200 --num_eval 200
-    python -m vlrm synthetic --video --output_dir .cache/synthetic-video --num_train 800   # vlrm.data.synthetic_video
+    python -m vlrm synthetic --video --output_dir .cache/synthetic-video   # vlrm.data.synthetic_video
+    python -m vlrm synthetic --steps --output_dir .cache/synthetic-steps   # vlrm.data.synthetic_steps
 """
 
 from __future__ import annotations
@@ -321,17 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image_size", type=int, default=112)
-    parser.add_argument(
-        "--video", action="store_true", help="the video set instead (vlrm.data.synthetic_video: motion direction)"
-    )
     args = parser.parse_args(argv)
-    if args.video:
-        from vlrm.data.synthetic_video import make_video_dataset
-
-        train, held_out = make_video_dataset(args.output_dir, args.num_train, args.num_eval, args.seed)
-        print(f"synthetic video preference set written: {train}, {held_out}, and its controls video_eval_blank.jsonl, "
-              "video_eval_frozen.jsonl, video_eval_reversed.jsonl")  # fmt: skip
-        return 0
     train, held_out = make_synthetic_dataset(
         args.output_dir, args.num_train, args.num_eval, args.seed, args.image_size
     )

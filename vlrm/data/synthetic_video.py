@@ -19,6 +19,7 @@ held-out ones.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -109,3 +110,20 @@ def make_video_dataset(
     (train,) = make_video_split(output_dir, "train", num_train, seed, num_frames, fps, size)
     held_out, *_ = make_video_split(output_dir, "eval", num_eval, seed, num_frames, fps, size, CONTROLS)
     return train, held_out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vlrm synthetic --video",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--output_dir", default=".cache/synthetic-video")
+    parser.add_argument("--num_train", type=int, default=800)
+    parser.add_argument("--num_eval", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    train, held_out = make_video_dataset(args.output_dir, args.num_train, args.num_eval, args.seed)
+    print(f"synthetic video set written: {train}, {held_out}, and its controls video_eval_blank.jsonl, "
+          "video_eval_frozen.jsonl, video_eval_reversed.jsonl")  # fmt: skip
+    return 0

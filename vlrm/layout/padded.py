@@ -165,7 +165,10 @@ class PaddedPreferenceCollator:
         if self.encoder.grid_images:
             encoder = self.encoder
             batch = pad_branches(
-                branch_sequences(encoder, examples), encoder.pad_token_id, encoder.image_token_id, encoder.video_token_id
+                branch_sequences(encoder, examples),
+                encoder.pad_token_id,
+                encoder.image_token_id,
+                encoder.video_token_id,
             )
         else:
             batch = pad_with_processor(self.encoder, branch_rows(self.encoder, examples))

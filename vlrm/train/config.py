@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from trl import RewardConfig
 
 from vlrm.errors import ConfigError
+from vlrm.layout.steps import ProcessArguments
 from vlrm.model.heads import HeadArguments
 from vlrm.model.loading import parse_device_map, parse_max_memory
 from vlrm.model.lora import LoraArguments
@@ -154,7 +155,9 @@ class ModelDataArguments:
 
 
 @dataclass
-class TrainConfig(ModelDataArguments, LoraArguments, HeadArguments, ObjectiveArguments, RewardConfig):
+class TrainConfig(
+    ModelDataArguments, LoraArguments, HeadArguments, ObjectiveArguments, ProcessArguments, RewardConfig
+):
     """Everything `train_rm.py` reads: TRL's `RewardConfig` (and so every `TrainingArguments` field) plus the
     vision-language fields below.
 
@@ -297,6 +300,17 @@ class TrainConfig(ModelDataArguments, LoraArguments, HeadArguments, ObjectiveArg
             raise ConfigError(f"num_irrelevant_pairs must be at least 1, got {self.num_irrelevant_pairs}.")
         if self.irrelevant_loss_weight < 0:
             raise ConfigError(f"irrelevant_loss_weight must be >= 0, got {self.irrelevant_loss_weight}.")
+        if self.reward_type == "process":
+            if self.use_irrelevant_queries:
+                raise ConfigError(
+                    "use_irrelevant_queries pairs a row's best response with other prompts; a process reward scores "
+                    "steps, not pairs: set use_irrelevant_queries: false with reward_type: process."
+                )
+            if self.loss_type != "bt" or self.center_rewards_coefficient:
+                raise ConfigError(
+                    "reward_type process trains with the step loss (binary cross-entropy on step labels, "
+                    "vlrm.train.objectives): leave loss_type at its default and center_rewards_coefficient unset."
+                )
 
     def _check_mixture(self) -> None:
         if self.dataset_weights is not None and self.dataset_num_samples is not None:

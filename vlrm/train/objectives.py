@@ -22,7 +22,14 @@ below is the learnable logit scale (``learnable_reward_scale``, ``vlrm.model.hea
 - ``mse``: pointwise regression, ``(r - y)^2`` on each response's score, or, with attribute heads
   (``reward_attributes``), on each attribute's rating (VLFeedback's three aspects; NaN targets, not rated, left out).
 
-Every one adds, when set, TRL's reward centring ``c * mean_rows (2 mean_k r_k)^2`` (Eisenstein et al. 2023; on a pair
+With ``reward_type: process`` (``vlrm.layout.steps``) the loss is instead the **step loss**: binary cross-entropy
+of each labelled step's reward read as a logit, ``-[y log sigmoid(s r) + (1 - y) log sigmoid(-s r)]``, averaged over
+the labelled steps (neutral ones left out), on hard labels (correct / wrong: PRM800K's per-step classification,
+Lightman et al. 2023, "Let's Verify Step by Step", arXiv 2305.20050) or soft ones (a Monte-Carlo estimate of reaching
+the right answer from the step: Math-Shepherd, Wang et al. 2024, arXiv 2312.08935; VisualPRM, Wang et al. 2025, arXiv
+2503.10291, whose VisualPRM400K labels these are); ``train_on_last_step_only`` keeps each solution's last step.
+
+Every outcome objective adds, when set, TRL's reward centring ``c * mean_rows (2 mean_k r_k)^2`` (Eisenstein et al. 2023; on a pair
 ``c (r_w + r_l)^2``, as before) and the irrelevant-query term ``mean -log sigmoid(s (r(prompt_i, best_i) -
 r(prompt_j, best_i)))`` weighted by ``irrelevant_loss_weight`` (``vlrm.train.irrelevant``).
 """
@@ -239,6 +246,24 @@ class Objective:
         return loss, parts
 
 
+def step_loss(rewards: torch.Tensor, labels: Any, scale: Any = 1.0, last_only: bool = False
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """The step loss (module docstring) of a micro-batch of process rows: ``rewards`` one per step, ``labels`` its
+    ``vlrm.layout.steps.StepLabels``. Returns the loss and, for the logs, ``step_correct`` (each hard-labelled step:
+    1 when sigmoid(r) falls on the label's side of 0.5) and ``step_loss``."""
+    targets = labels.labels.to(rewards.device)
+    keep = ~torch.isnan(targets)
+    if last_only:
+        keep &= labels.last.to(rewards.device)
+    if not keep.any():
+        raise ValueError("this micro-batch has no labelled step to learn from (every step neutral)")
+    logits = scale * rewards[keep].float()
+    loss = F.binary_cross_entropy_with_logits(logits, targets[keep])
+    hard = (targets[keep] != 0.5).detach()
+    correct = ((logits.detach() > 0) == (targets[keep] > 0.5))[hard].float()
+    return loss, {"step_loss": loss, "step_correct": correct}
+
+
 def objective_of(config: Any, attributes: tuple[str, ...] = ()) -> Objective:
     """The run's ``Objective`` from a TrainConfig (``loss_type`` and its settings, centring, the irrelevant term)."""
     return Objective(config, config.center_rewards_coefficient, config.irrelevant_loss_weight, tuple(attributes))
@@ -258,11 +283,18 @@ class LabelCounts:
     scored: int = 0
     rated: int = 0
     rating_names: set[str] = field(default_factory=set)
+    step_rows: int = 0  # rows of step-labelled solutions (vlrm.data.steps)
 
     @classmethod
     def of(cls, dataset: Any) -> LabelCounts:
         counts = cls(rows=len(dataset))
         names = [name for name in ("ranks", "scores", "rating_names", "tie") if name in dataset.column_names]
+        if "step_labels" in dataset.column_names:
+            steps = dataset.select_columns(["step_labels"]).with_format("arrow")
+            import pyarrow.compute as pc
+
+            for batch in steps.iter(batch_size=65536):
+                counts.step_rows += pc.sum(pc.is_valid(batch.column("step_labels"))).as_py() or 0
         for batch in dataset.select_columns(names).iter(batch_size=4096):
             empty = [None] * len(batch[names[0]])
             for ranks, scores, rating_names, tie in zip(*(batch.get(name, empty) for name in ("ranks", "scores",
@@ -280,6 +312,19 @@ def check_objective(config: Any, counts: LabelCounts) -> None:
     """Raise ``ConfigError`` (saying what to change) when the training set cannot feed ``loss_type``; warn when a
     setting will do nothing."""
     kind, attributes = config.loss_type, tuple(getattr(config, "reward_attributes", None) or ())
+    if getattr(config, "reward_type", "outcome") == "process":
+        if counts.step_rows < counts.rows:
+            raise ConfigError(
+                f"reward_type process learns from step labels, and {counts.rows - counts.step_rows} of {counts.rows} "
+                "training rows have none: use rows of solutions split into steps with a label per step "
+                "(vlrm.data.steps: steps + step_labels, VisualPRM400K, VisualProcessBench), or reward_type outcome."
+            )
+        return
+    if counts.step_rows:
+        raise ConfigError(
+            f"{counts.step_rows} of {counts.rows} training rows are step-labelled solutions (vlrm.data.steps): set "
+            "reward_type: process to train a process reward on them."
+        )
     if kind == "bt" and counts.ties:
         raise ConfigError(
             f"{counts.ties} of {counts.rows} training rows have tied responses, which loss_type bt cannot learn from: "

@@ -23,7 +23,7 @@ from vlrm.layout.labels import LABEL_FIELDS, RewardLabels, reward_positions
 from vlrm.layout.padded import split_rewards
 from vlrm.model.checkpoints import is_lora_checkpoint, load_adapter_weights, write_lora_metadata
 from vlrm.model.lora import is_lora_model, parameter_groups
-from vlrm.train.objectives import Objective, ObjectiveArguments, objective_of
+from vlrm.train.objectives import Objective, ObjectiveArguments, objective_of, step_loss
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,15 @@ class VLRewardTrainer(RewardTrainer):
         mode = "train" if self.model.training else "eval"
         num_pairs, num_irrelevant = inputs.pop("num_pairs"), inputs.pop("num_irrelevant")
         margin, labels = inputs.pop("margin", None), inputs.pop("reward_labels", None)
+        steps = inputs.pop("step_labels", None)
         outputs = model(**inputs)
+        if steps is not None:  # a process reward (vlrm.layout.steps): binary cross-entropy on the step labels
+            last_only = bool(getattr(self.args, "train_on_last_step_only", False))
+            loss, parts = step_loss(outputs.rewards, steps, getattr(outputs, "logit_scale", None) or 1.0, last_only)
+            metrics = self._metrics[mode]
+            metrics["step_accuracy"].extend(self.accelerator.gather_for_metrics(parts["step_correct"]).tolist())
+            metrics["step_loss"].append(self.accelerator.gather_for_metrics(loss.detach()[None]).mean().item())
+            return (loss, outputs) if return_outputs else loss
         loss, parts = self.objective(
             outputs.rewards, num_pairs, num_irrelevant, margin, labels,
             logit_scale=getattr(outputs, "logit_scale", None), attribute_rewards=getattr(outputs, "attribute_rewards", None),

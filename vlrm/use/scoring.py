@@ -37,9 +37,11 @@ from vlrm.layout.attention import enable_packed_attention
 from vlrm.layout.encoder import PreferenceEncoder, apply_pixel_limits
 from vlrm.layout.packed import make_collator, pack_responses, prompt_key, video_key
 from vlrm.layout.padded import pad_rows, split_rewards
+from vlrm.layout.steps import process_settings
 from vlrm.model.heads import attribute_weights, head_settings_of
 from vlrm.model.loading import load_checkpoint
 from vlrm.model.reward_model import VLRewardModel
+from vlrm.use.process import StepScores, score_steps
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +180,9 @@ class RewardScorer:
         self.encoder = PreferenceEncoder(processor, video_settings)
         self.packing = packing
         self.collator = make_collator(self.encoder, packing)
+        # A process checkpoint (vlrm.layout.steps) records its reward type, step separator and aggregation.
+        self.process = process_settings(model.config)
+        self.encoder.step_separator = self.process["step_separator"]
         self.reward_mean = getattr(model.config, "reward_mean", None)
         self.reward_std = getattr(model.config, "reward_std", None)
         # The head's named rewards (vlrm.model.heads), their weights in the scalar and their own statistics.
@@ -459,6 +464,12 @@ class RewardScorer:
             rewards = self.normalized(rewards, named)
             named = None if named is None else self.normalized_attributes(named)
         return (rewards, named) if attributes else rewards
+
+    def score_steps(self, rows: Sequence[dict], batch_size: int = 8, aggregation: str | None = None) -> StepScores:
+        """A process checkpoint's score for every step of each row's solution, and each solution's score
+        (``vlrm.use.process``): rows of ``prompt``, ``images`` / ``videos`` and ``steps`` (or ``response`` text, split
+        at the checkpoint's step separator)."""
+        return score_steps(self, rows, batch_size, aggregation)
 
     @staticmethod
     def _prompt_key(sequence: tuple) -> tuple:
