@@ -31,8 +31,10 @@ from transformers import AutoConfig, AutoProcessor, set_seed
 
 from vlrm.data.prepare import branch_lengths, contiguous_sample, peak_memory_gb, prepare_training_data
 from vlrm.data.videos import VideoSettings
+from vlrm.errors import ConfigError
 from vlrm.layout.attention import enable_packed_attention
 from vlrm.layout.encoder import PreferenceEncoder, apply_pixel_limits, check_step_separator
+from vlrm.layout.joint import JointCollator, record_joint_settings
 from vlrm.layout.packed import make_collator, row_tokens
 from vlrm.layout.steps import StepCollator, record_process_settings
 from vlrm.model.checkpoints import is_lora_checkpoint
@@ -159,6 +161,7 @@ model = VLRewardModel.from_pretrained(
 model.config.pad_token_id = encoder.pad_token_id
 model.config.vlrm_video_sampling = video_settings.identity()
 record_process_settings(model.config, config)  # every consumer reads a process checkpoint's steps the same way
+record_joint_settings(model.config, config)  # and scores a joint checkpoint's responses in chains
 if config.freeze_vit:
     model.freeze_vision_tower()
 if config.packing:
@@ -178,11 +181,19 @@ if family.moe_note:
 # ----------------------------------------------------------------------------------------------------------------
 # Collators: each pair's prompt with its chosen and rejected branches (+ irrelevant-query branches)
 
+callbacks = [LogFileCallback()]
 if config.reward_type == "process":  # every step of every solution under its question's prompt node
     collator = eval_collator = StepCollator(encoder, config.packing)
+elif config.scoring_mode == "joint":  # a prompt's responses in one chain, a fresh seeded order each epoch
+    try:
+        collator = JointCollator(encoder, config.packing, config.seed, max_seq_length=config.max_seq_length)
+    except ValueError as error:  # a chat template that cannot render two assistant turns in a row
+        raise ConfigError(str(error)) from error
+    eval_collator = JointCollator(encoder, config.packing, config.seed, max_seq_length=config.max_seq_length)
+    callbacks.append(EpochCallback(collator))
+    logger.info("joint scoring: responses chained with %r between them", collator.separator)
 else:
     collator = eval_collator = make_collator(encoder, config.packing)
-callbacks = [LogFileCallback()]
 if config.use_irrelevant_queries:
 
     def irrelevant_collator(dataset):
@@ -218,7 +229,12 @@ elif config.reward_stats_samples:
     # Drawn in contiguous runs: scattered rows of a memory-mapped set would map most of its file (contiguous_sample).
     sample = contiguous_sample(len(train_dataset), config.reward_stats_samples, config.seed)
     count = len(sample)
-    statistics = trainer.reward_statistics(train_dataset.select(sample), make_collator(encoder, config.packing))
+    statistics_collator = make_collator(encoder, config.packing)
+    if config.scoring_mode == "joint":  # the rewards as the joint model gives them: each row's chain, its own order
+        statistics_collator = JointCollator(
+            encoder, config.packing, shuffle=False, max_seq_length=config.max_seq_length
+        )
+    statistics = trainer.reward_statistics(train_dataset.select(sample), statistics_collator)
     model.config.reward_mean, model.config.reward_std = statistics.mean, statistics.std
     per_attribute = ""
     if statistics.attribute_mean is not None:  # each attribute's own, to normalise it alone (vlrm.use.scoring)

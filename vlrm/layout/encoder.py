@@ -177,6 +177,19 @@ class PreferenceEncoder:
     def encode_response(self, text: str) -> list[int]:
         return self.tokenizer(text + self.end_of_turn, add_special_tokens=False)["input_ids"]
 
+    def encode_chain(self, responses: list[str], separator: str) -> tuple[list[int], list[int]]:
+        """A joint chain's ids (``vlrm.layout.joint``) and the offset of each response's end-of-turn token (where its
+        reward is read): each response + the turn's end token, the ones after the first preceded by ``separator``
+        (``joint_separator``: what the chat template writes between two assistant turns), piece by piece as
+        ``encode_steps`` does."""
+        ids, ends = [], []
+        for index, response in enumerate(responses):
+            ids += self.tokenizer(
+                (separator if index else "") + response + self.end_of_turn, add_special_tokens=False
+            )["input_ids"]
+            ends.append(len(ids) - 1)
+        return ids, ends
+
     def encode_steps(self, steps: list[str]) -> tuple[list[int], list[int]]:
         """A solution's ids and, per step, the offset of its last token (where its score is read): each step's text
         and the step separator tokenized as one piece, the last step with the turn's end token instead, so the last
@@ -261,6 +274,30 @@ class PreferenceEncoder:
                 self.tokenizer(text, add_special_tokens=False)["input_ids"]
             )
         return self._image_expansion[size]
+
+
+def joint_separator(processor: Any, end_of_turn: str) -> str:
+    """What goes between two responses of a joint chain: the text the chat template writes after an assistant turn's
+    end token and before the next assistant turn's content (Qwen: ``\n<|im_start|>assistant\n``), so a chain reads
+    as the template's own consecutive assistant turns. Raises ``ValueError`` when the template cannot render two
+    assistant turns in a row (Gemma's insists on alternating roles), with the fix."""
+    first, second = f"{_SENTINEL} one.", f"{_SENTINEL} two."
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Q"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": first}]},
+        {"role": "assistant", "content": [{"type": "text", "text": second}]},
+    ]
+    try:
+        rendered = processor.apply_chat_template(messages, tokenize=False)
+    except Exception as error:  # templates raise their own errors for role order
+        raise ValueError(
+            f"the chat template cannot render two assistant turns in a row ({error}): joint scoring lays a prompt's "
+            "responses out as consecutive turns; use scoring_mode: independent with this model"
+        ) from error
+    after_first = rendered.split(first, 1)[1]
+    if not after_first.startswith(end_of_turn) or second not in after_first:
+        raise ValueError(f"the chat template does not end an assistant turn with {end_of_turn!r} before the next one")
+    return after_first[len(end_of_turn) : after_first.index(second)]
 
 
 def check_step_separator(processor: Any, separator: str, end_of_turn: str) -> None:

@@ -79,25 +79,29 @@ def prompt_key(prompt: list[dict], images: list, videos: list | None = None) -> 
 
 
 class Nodes:
-    """Prompt nodes and the branches under them: (reward position, response ids, step ends) per node. A branch
-    with ``ends`` (a process reward's solution, ``vlrm.layout.steps``) has one reward per step, at positions
-    ``position, position + 1, ...``, read at each step's last token (offsets ``ends`` into the response); else one,
-    at its last token."""
+    """Prompt nodes and the branches under them: (reward positions, response ids, read points) per node. A plain
+    branch has one reward, at its last token; a branch with ``ends`` has one reward per read point: a process
+    reward's solution one per step (``vlrm.layout.steps``), a joint chain one per response (``vlrm.layout.joint``),
+    at positions ``positions`` (default ``position, position + 1, ...``), read at the offsets ``ends`` into the
+    branch. ``chain``: a key of its own for this node (a joint chain never shares its prompt node with another)."""
 
     def __init__(self):
         self.index: dict[tuple, int] = {}
         self.prompts: list[tuple[list[dict], list, list, tuple]] = []
-        self.branches: list[list[tuple[int, list[int], list[int] | None]]] = []
+        self.branches: list[list[tuple[list[int], list[int], list[int]]]] = []
 
     def add(self, prompt: list[dict], images: list, position: int, response: list[int], videos=None,
-            ends: list[int] | None = None) -> None:  # fmt: skip
+            ends: list[int] | None = None, positions: list[int] | None = None, chain: int | None = None) -> None:  # fmt: skip
         videos = list(videos or [])
         key = prompt_key(prompt, images, videos)
-        if key not in self.index:
-            self.index[key] = len(self.prompts)
+        node_key = key if chain is None else (*key, chain)
+        if node_key not in self.index:
+            self.index[node_key] = len(self.prompts)
             self.prompts.append((prompt, images, videos, key[1]))
             self.branches.append([])
-        self.branches[self.index[key]].append((position, response, ends))
+        ends = ends if ends is not None else [len(response) - 1]
+        positions = positions if positions is not None else [position + step for step in range(len(ends))]
+        self.branches[self.index[node_key]].append((positions, response, ends))
 
 
 def pack_branches(encoder: PreferenceEncoder, examples: list[dict]) -> dict[str, Any]:
@@ -121,9 +125,10 @@ def pack_responses(encoder: PreferenceEncoder, rows: list[tuple]) -> dict[str, A
     return pack_nodes(encoder, nodes, len(rows))
 
 
-def pack_nodes(encoder: PreferenceEncoder, nodes: Nodes, num_rewards: int) -> dict[str, Any]:
-    """The packed row of prompt nodes and their branches, with ``reward_index`` (reward position -> token)."""
-    row = _lay_out(encoder, nodes, num_rewards)
+def pack_nodes(encoder: PreferenceEncoder, nodes: Nodes, num_rewards: int, joint: bool = False) -> dict[str, Any]:
+    """The packed row of prompt nodes and their branches, with ``reward_index`` (reward position -> token).
+    ``joint``: each node's one branch is a chain that continues its prompt causally (``vlrm.layout.joint``)."""
+    row = _lay_out(encoder, nodes, num_rewards, joint)
     ids = torch.tensor([row["input_ids"]])
     batch = {
         "input_ids": ids,
@@ -160,7 +165,7 @@ def _add_media(row: dict[str, Any], kind: str, keys: tuple, pixel_values, grids,
         row[order].append(unique[key])
 
 
-def _lay_out(encoder: PreferenceEncoder, nodes: Nodes, num_rewards: int) -> dict[str, Any]:
+def _lay_out(encoder: PreferenceEncoder, nodes: Nodes, num_rewards: int, joint: bool = False) -> dict[str, Any]:
     """Token ids, segments and spans node by node; each distinct image's pixel rows once (``image_order``: image
     occurrence -> distinct image)."""
     names = ("input_ids", "segments", "prompt_spans", "node_images", "node_videos", "branch_spans", "pixel_rows",
@@ -185,18 +190,24 @@ def _lay_out(encoder: PreferenceEncoder, nodes: Nodes, num_rewards: int) -> dict
         input_ids += encoded.input_ids
         prompt_end = len(input_ids)
         row["prompt_spans"].append((prompt_start, prompt_end))
-        segments.append((prompt_start, prompt_end, prompt_start, prompt_start))
+        if not joint:
+            segments.append((prompt_start, prompt_end, prompt_start, prompt_start))
+        elif len(branches) != 1:
+            raise ValueError(f"a joint prompt node holds one chain, got {len(branches)}")
         spans = []
-        for position, response, ends in sorted(branches, key=lambda branch: branch[0]):
+        for positions, response, ends in sorted(branches, key=lambda branch: branch[0][0]):
             start = len(input_ids)
             input_ids += response
             spans.append((start, len(input_ids)))
-            segments.append((start, len(input_ids), prompt_start, prompt_end))
-            step_start = start
-            for step, end in enumerate(ends if ends is not None else [len(response) - 1]):
-                row["reward_index"][position + step] = start + end
-                row["response_spans"].append((position + step, step_start, start + end + 1))
-                step_start = start + end + 1
+            # A joint chain continues its prompt as one causal segment: response k sees the prompt and responses
+            # 1..k-1, exactly as the padded chain (one ordinary causal row) does.
+            segments.append((prompt_start if joint else start, len(input_ids), prompt_start,
+                             prompt_start if joint else prompt_end))  # fmt: skip
+            read_start = start
+            for position, end in zip(positions, ends, strict=True):
+                row["reward_index"][position] = start + end
+                row["response_spans"].append((position, read_start, start + end + 1))
+                read_start = start + end + 1
         row["branch_spans"].append(spans)
     return row
 

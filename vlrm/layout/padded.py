@@ -112,6 +112,32 @@ def pad_rows(encoder: PreferenceEncoder, rows: list[tuple]) -> dict[str, Any]:
     return pad_branches(encoded, encoder.pad_token_id, encoder.image_token_id, encoder.video_token_id)
 
 
+def pad_read_points(encoder: PreferenceEncoder, rows: list[tuple]) -> dict[str, Any]:
+    """The padded layout of branches read at several points: rows of ``(prompt messages, images, ids, videos, ends,
+    positions)``, one padded row each; reward ``positions[k]`` is read at offset ``ends[k]`` of the row's ids (a
+    process reward's steps, ``vlrm.layout.steps``; a joint chain's responses, ``vlrm.layout.joint``). Returns the
+    batch with ``reward_index`` (flat indices into ``[rows, length]``, in reward order) and each read point's own
+    tokens for pooling (``response_index`` / ``response_owner``)."""
+    batch = pad_rows(encoder, [(prompt, images, ids, videos) for prompt, images, ids, videos, _, _ in rows])
+    # Where each row's branch starts in the flat [rows x length] tokens: its first response token, as the padded
+    # layout lists them (either encoding: Qwen-style grids or the processor's own).
+    starts = torch.full((len(rows),), torch.iinfo(torch.long).max, dtype=torch.long)
+    starts = starts.scatter_reduce(0, batch["response_owner"], batch["response_index"], reduce="amin")
+    total = sum(len(row[5]) for row in rows)
+    reward_index = torch.empty(total, dtype=torch.long)
+    index, owner = [], []
+    for start, (*_, ends, positions) in zip(starts.tolist(), rows, strict=True):
+        read_start = start
+        for end, position in zip(ends, positions, strict=True):
+            reward_index[position] = start + end
+            index.append(torch.arange(read_start, start + end + 1))
+            owner.append(torch.full((start + end + 1 - read_start,), position, dtype=torch.long))
+            read_start = start + end + 1
+    batch["reward_index"] = reward_index
+    batch["response_index"], batch["response_owner"] = torch.cat(index), torch.cat(owner)
+    return batch
+
+
 def pad_branches(
     sequences: list[tuple[EncodedPrompt, list[int]]], pad_token_id: int, image_token_id: int,
     video_token_id: int | None = None,

@@ -29,7 +29,7 @@ import torch
 
 from vlrm.layout.encoder import PreferenceEncoder
 from vlrm.layout.packed import Nodes, pack_nodes
-from vlrm.layout.padded import pad_rows
+from vlrm.layout.padded import pad_read_points
 
 STEP_AGGREGATIONS = ("mean", "min", "last", "product")
 
@@ -176,29 +176,15 @@ def pack_solutions(encoder: PreferenceEncoder, examples: list[dict]) -> dict[str
 
 
 def pad_solutions(encoder: PreferenceEncoder, examples: list[dict]) -> dict[str, Any]:
-    """The padded layout of process rows: one row per (question, solution), ``reward_index`` the flat index of each
-    step's end, and each step's own tokens for pooling (``response_index`` / ``response_owner``)."""
-    rows, all_ends = [], []
+    """The padded layout of process rows: one row per (question, solution), a reward at each step's end
+    (``vlrm.layout.padded.pad_read_points``)."""
+    rows, position = [], 0
     for example in examples:
         for ids, ends in solutions_of(encoder, example):
-            rows.append((example["prompt"], example["images"], ids, example.get("videos")))
-            all_ends.append(ends)
-    batch = pad_rows(encoder, rows)
-    # Where each row's response starts in the flat [rows x length] tokens: its first response token, as the padded
-    # layout lists them (either encoding: Qwen-style grids or the processor's own).
-    starts = torch.full((len(rows),), torch.iinfo(torch.long).max, dtype=torch.long)
-    starts = starts.scatter_reduce(0, batch["response_owner"], batch["response_index"], reduce="amin")
-    reward_index, index, owner, position = [], [], [], 0
-    for start, ends in zip(starts.tolist(), all_ends, strict=True):
-        step_start = start
-        for end in ends:
-            reward_index.append(start + end)
-            index.append(torch.arange(step_start, start + end + 1))
-            owner.append(torch.full((start + end + 1 - step_start,), position, dtype=torch.long))
-            step_start, position = start + end + 1, position + 1
-    batch["reward_index"] = torch.tensor(reward_index, dtype=torch.long)
-    batch["response_index"], batch["response_owner"] = torch.cat(index), torch.cat(owner)
-    return batch
+            positions = list(range(position, position + len(ends)))
+            rows.append((example["prompt"], example["images"], ids, example.get("videos"), ends, positions))
+            position += len(ends)
+    return pad_read_points(encoder, rows)
 
 
 class StepCollator:

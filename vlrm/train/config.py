@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from trl import RewardConfig
 
 from vlrm.errors import ConfigError
+from vlrm.layout.joint import JointArguments
 from vlrm.layout.steps import ProcessArguments
 from vlrm.model.heads import HeadArguments
 from vlrm.model.loading import parse_device_map, parse_max_memory
@@ -156,7 +157,13 @@ class ModelDataArguments:
 
 @dataclass
 class TrainConfig(
-    ModelDataArguments, LoraArguments, HeadArguments, ObjectiveArguments, ProcessArguments, RewardConfig
+    ModelDataArguments,
+    LoraArguments,
+    HeadArguments,
+    ObjectiveArguments,
+    ProcessArguments,
+    JointArguments,
+    RewardConfig,
 ):
     """Everything `train_rm.py` reads: TRL's `RewardConfig` (and so every `TrainingArguments` field) plus the
     vision-language fields below.
@@ -300,6 +307,17 @@ class TrainConfig(
             raise ConfigError(f"num_irrelevant_pairs must be at least 1, got {self.num_irrelevant_pairs}.")
         if self.irrelevant_loss_weight < 0:
             raise ConfigError(f"irrelevant_loss_weight must be >= 0, got {self.irrelevant_loss_weight}.")
+        if self.scoring_mode == "joint":
+            if self.use_irrelevant_queries or self.reward_type == "process":
+                raise ConfigError(
+                    "scoring_mode joint judges a prompt's responses in one chain: it has no irrelevant-query branches "
+                    "and no process (step) rewards; set use_irrelevant_queries: false and reward_type: outcome."
+                )
+            if self.joint_permutations < 1 or self.joint_group_size < 2:
+                raise ConfigError(
+                    f"joint_permutations must be >= 1 and joint_group_size >= 2, got {self.joint_permutations} and "
+                    f"{self.joint_group_size}."
+                )
         if self.reward_type == "process":
             if self.use_irrelevant_queries:
                 raise ConfigError(
@@ -341,7 +359,7 @@ class EvalConfig(ModelDataArguments):
     `results_dir/<output_file stem>_pairs/`. A (model_dir, checkpoint, dataset_path, max_eval_samples) already
     in the results is skipped unless `force`, its weights or the data file changed since, or a setting that
     changes its numbers differs (dtype, seed, pixel limits, video sampling, num_irrelevant_pairs, irrelevant_mode,
-    max_seq_length, on_bad_sample: the log says which). `packing` and `attn_implementation` change the numbers only by float round-off, so a result
+    max_seq_length, on_bad_sample; a process result's step_threshold: the log says which). `packing` and `attn_implementation` change the numbers only by float round-off, so a result
     is reused across them.
     """
 
@@ -435,6 +453,14 @@ class EvalConfig(ModelDataArguments):
             "GPU numbers in an explicit device_map or max_memory then count within the process's GPUs."
         },
     )
+    step_threshold: float = field(
+        default=0.5,
+        metadata={
+            "help": "Process checkpoints (reward_type: process): a step is predicted correct when its score (a "
+            "probability) is above this, wrong otherwise, for the step F1s, macro-F1 and step accuracy "
+            "(VisualProcessBench's protocol: eval_rm.py). A labelled step is correct when its label is above 0.5."
+        },
+    )
     force: bool = field(default=False, metadata={"help": "Re-evaluate checkpoints already in the results."})
     log_dir: str = field(default="logs", metadata={"help": "Where `eval_TIMESTAMP.log` is written."})
     results_dir: str = field(default="evaluation_results", metadata={"help": "Where the results are written."})
@@ -450,6 +476,10 @@ class EvalConfig(ModelDataArguments):
             raise ConfigError("dataset_path is required (a .json, .jsonl, .parquet file or a save_to_disk dir).")
         if self.num_irrelevant_pairs < 0:
             raise ConfigError(f"num_irrelevant_pairs must be >= 0, got {self.num_irrelevant_pairs}.")
+        if not 0.0 <= self.step_threshold < 1.0:
+            raise ConfigError(
+                f"step_threshold is compared with step probabilities, so it is in [0, 1); got {self.step_threshold}."
+            )
         if self.max_seq_length is not None and self.max_seq_length <= 0:
             raise ConfigError(f"max_seq_length must be positive (or null for no limit), got {self.max_seq_length}.")
         if self.eval_batch_size < 1:

@@ -35,12 +35,14 @@ from vlrm.data.videos import VideoSettings
 from vlrm.errors import BadSampleError, RowProblem
 from vlrm.layout.attention import enable_packed_attention
 from vlrm.layout.encoder import PreferenceEncoder, apply_pixel_limits
+from vlrm.layout.joint import joint_settings
 from vlrm.layout.packed import make_collator, pack_responses, prompt_key, video_key
 from vlrm.layout.padded import pad_rows, split_rewards
 from vlrm.layout.steps import process_settings
 from vlrm.model.heads import attribute_weights, head_settings_of
 from vlrm.model.loading import load_checkpoint
 from vlrm.model.reward_model import VLRewardModel
+from vlrm.use.joint import JointOrdersCollator, average_outputs, score_joint
 from vlrm.use.process import StepScores, score_steps
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,10 @@ class PairScores:
     # pair's n = 2: chosen, rejected; a row of N responses in its own order), ``attribute_names`` their names.
     attributes: np.ndarray | None = None
     attribute_names: tuple[str, ...] | None = None
+    # A joint checkpoint (vlrm.use.joint): each order's chosen and rejected rewards, [rows, orders] (order 0: the
+    # given order, chosen first; a pair's order 1: chosen last); ``chosen`` / ``rejected`` are their means.
+    order_chosen: np.ndarray | None = None
+    order_rejected: np.ndarray | None = None
 
     @property
     def scored(self) -> np.ndarray:
@@ -96,6 +102,12 @@ class PairScores:
                 combined.responses[mine] = shard.responses[mine]
             if shard.attributes is not None:
                 combined.attributes[mine] = shard.attributes[mine]
+            for name in ("order_chosen", "order_rejected"):
+                if getattr(shard, name) is not None:
+                    if getattr(combined, name) is None:
+                        setattr(combined, name, np.full((len(first.chosen), getattr(shard, name).shape[1]), np.nan,
+                                                        dtype=np.float32))  # fmt: skip
+                    getattr(combined, name)[mine] = getattr(shard, name)[mine]
         return combined
 
 
@@ -180,6 +192,13 @@ class RewardScorer:
         self.encoder = PreferenceEncoder(processor, video_settings)
         self.packing = packing
         self.collator = make_collator(self.encoder, packing)
+        # A joint checkpoint (vlrm.layout.joint) scores a prompt's responses in chains, averaged over orders.
+        self.joint = joint_settings(model.config)
+        if self.joint["scoring_mode"] == "joint":
+            self.collator = JointOrdersCollator(
+                self.encoder, packing, self.joint["joint_permutations"], max_seq_length=max_seq_length
+            )
+        self.last_joint_report: dict[str, int] | None = None
         # A process checkpoint (vlrm.layout.steps) records its reward type, step separator and aggregation.
         self.process = process_settings(model.config)
         self.encoder.step_separator = self.process["step_separator"]
@@ -245,7 +264,13 @@ class RewardScorer:
         return self._forward_outputs(batch).rewards
 
     def _forward_outputs(self, batch: dict[str, Any]) -> Any:
-        """The model's ``RewardOutput`` for a collated batch (rewards, and attribute rewards with attribute heads)."""
+        """The model's ``RewardOutput`` for a collated batch (rewards, and attribute rewards with attribute heads);
+        a joint checkpoint's batch of several orders averaged over them (``vlrm.use.joint``)."""
+        if "order_batches" in batch:
+            return average_outputs(self._forward_one, batch)
+        return self._forward_one(batch)
+
+    def _forward_one(self, batch: dict[str, Any]) -> Any:
         inputs = {}
         for key, value in batch.items():
             if torch.is_tensor(value):
@@ -334,6 +359,7 @@ class RewardScorer:
         chosen = np.full(len(rows), np.nan, dtype=np.float32)
         rejected = chosen.copy()
         irrelevant, overlong, responses = None, [], None
+        order_chosen = order_rejected = None  # a joint checkpoint's per-order rewards
         attributes = None if self.attribute_names is None else np.full(len(rows), None, dtype=object)
         rank, size = shard or (0, 1)
         batches = list(_batches(list(range(len(rows))), batch_size))[rank::size]
@@ -360,6 +386,13 @@ class RewardScorer:
             labels = batch.pop("reward_labels", None)
             outputs = self._forward_outputs(batch)
             rewards = outputs.rewards.float().cpu()
+            if getattr(outputs, "order_rewards", None) is not None and labels is None:  # joint: each order's pair
+                by_order = outputs.order_rewards.float().cpu()
+                if order_chosen is None:
+                    order_chosen = np.full((len(rows), len(by_order)), np.nan, dtype=np.float32)
+                    order_rejected = np.full((len(rows), len(by_order)), np.nan, dtype=np.float32)
+                order_chosen[batch_indices] = by_order[:, :num_pairs].T.numpy()
+                order_rejected[batch_indices] = by_order[:, num_pairs : 2 * num_pairs].T.numpy()
             if attributes is not None:
                 named = outputs.attribute_rewards.float().cpu()
                 rows_of = (
@@ -388,7 +421,8 @@ class RewardScorer:
                     irrelevant = np.full((len(rows), num_irrelevant), np.nan, dtype=np.float32)
                 irrelevant[batch_indices] = irrelevant_rewards.float().cpu().numpy()
         self._warn_overlong(overlong, "pairs")
-        return PairScores(chosen, rejected, irrelevant, overlong, responses, attributes, self.attribute_names)
+        return PairScores(chosen, rejected, irrelevant, overlong, responses, attributes, self.attribute_names,
+                          order_chosen, order_rejected)  # fmt: skip
 
     @torch.inference_mode()
     def score(
@@ -445,20 +479,29 @@ class RewardScorer:
             kept = [index for _, index in sorted(zip(keys, kept, strict=True))]
         rewards = np.full(len(rows), np.nan, dtype=np.float32)
         named = None if self.attribute_names is None else np.full((len(rows), len(self.attribute_names)), np.nan)
-        for batch_indices in tqdm(
-            _batches(kept, batch_size), total=math.ceil(len(kept) / batch_size), desc="responses",
-            disable=not progress, leave=False,
-        ):  # fmt: skip
-            if self.packing:
-                batch = pack_responses(self.encoder, [sequences[index] for index in batch_indices])
-            else:
-                batch = pad_rows(self.encoder, [sequences[index] for index in batch_indices])
-            if named is None:
-                rewards[batch_indices] = self._forward(batch).float().cpu().numpy()
-            else:  # attribute heads: the whole output, the scalar and each attribute's rewards
-                outputs = self._forward_outputs(batch)
-                rewards[batch_indices] = outputs.rewards.float().cpu().numpy()
-                named[batch_indices] = outputs.attribute_rewards.float().cpu().numpy()
+        if self.joint["scoring_mode"] == "joint":  # one prompt's responses in chains (vlrm.use.joint)
+            texts = [str(row["response"]) for row in rows]
+            joint_rewards, joint_named, self.last_joint_report = score_joint(
+                self, sequences, texts, kept, batch_size, self._prompt_key
+            )
+            rewards[kept] = joint_rewards[kept]
+            if named is not None and joint_named is not None:
+                named[kept] = joint_named[kept]
+        else:
+            for batch_indices in tqdm(
+                _batches(kept, batch_size), total=math.ceil(len(kept) / batch_size), desc="responses",
+                disable=not progress, leave=False,
+            ):  # fmt: skip
+                if self.packing:
+                    batch = pack_responses(self.encoder, [sequences[index] for index in batch_indices])
+                else:
+                    batch = pad_rows(self.encoder, [sequences[index] for index in batch_indices])
+                if named is None:
+                    rewards[batch_indices] = self._forward(batch).float().cpu().numpy()
+                else:  # attribute heads: the whole output, the scalar and each attribute's rewards
+                    outputs = self._forward_outputs(batch)
+                    rewards[batch_indices] = outputs.rewards.float().cpu().numpy()
+                    named[batch_indices] = outputs.attribute_rewards.float().cpu().numpy()
         named = None if named is None else dict(zip(self.attribute_names, named.T.astype(np.float32), strict=True))
         if normalize:
             rewards = self.normalized(rewards, named)
