@@ -32,6 +32,32 @@ output_file `evaluation_results.csv`:
 
 Ties (chosen == rejected) count as wrong, as RewardBench scores them, and are counted in num_ties.
 
+Process checkpoints (trained with reward_type: process; their config records it) on rows of step-labelled solutions
+(vlrm.data.steps: VisualProcessBench, VisualPRM400K, `python -m vlrm synthetic --steps`) get every step of every
+solution scored (RewardScorer.score_steps, the probability that the step is right) instead of pairs; on rows without
+steps they score each response as an outcome model would. Their result rows carry, instead of accuracy:
+    step_macro_f1, step_f1_correct, step_f1_wrong   VisualProcessBench's protocol (VisualPRM, Wang et al. 2025, arXiv
+                                                 2503.10291): the F1 of the correct steps and of the wrong steps (each
+                                                 class the positive one) and their mean, over every labelled step;
+                                                 neutral steps (NaN labels; VisualProcessBench's 0) are left out. A
+                                                 step is predicted correct when its score is above step_threshold
+                                                 (default 0.5); a label is correct above 0.5 (a soft label of 0.75 is
+                                                 correct, 0.5 is wrong). Per source (the row's category, VisualProcess-
+                                                 Bench's data_source) in macro_f1/<source>, f1_correct/<source>, ...
+    step_accuracy                                the share of labelled steps on the right side of the threshold
+    best_of_n, best_of_n_oracle, best_of_n_random   on the rows of several solutions: the share of questions whose
+                                                 highest-scored solution (the checkpoint's step_aggregation) is fully
+                                                 correct (every labelled step correct), the share that have a fully
+                                                 correct solution, and the expected share of a random pick; ties go to
+                                                 the solution listed first. best_of_n/<how> for each aggregation (mean,
+                                                 min, last, product).
+The per-pair file then holds one row per solution, in the data's order: id, category, solution (its index), num_steps,
+step_scores and step_labels (JSON lists, null for neutral), score (aggregated), correct, selected (best-of-N's pick);
+the plot evaluation_results_process.png draws step macro-F1 and best-of-N against step. A set whose every category
+is a VisualProcessBench source (MMMU, MathVision, MathVerse, DynaMath, WeMath) is recognised as the benchmark and its
+published macro-F1s (arXiv 2503.10291, Table 3) are logged beside ours. Under torchrun each rank scores every
+size-th chunk of questions, the same score_steps calls one process makes.
+
 Pairs with a branch longer than max_seq_length (default 4096 tokens) are not scored, never truncated: they are
 counted (num_overlong), their first ids listed in the log and the JSON (overlong_ids), and the rest are scored.
 
@@ -55,7 +81,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +95,20 @@ from transformers import HfArgumentParser
 
 from vlrm.data.benchmarks import REFERENCE_RESULTS
 from vlrm.data.prepare import load_preference_dataset
+from vlrm.data.steps import is_correct_solution
 from vlrm.data.videos import VideoSettings
 from vlrm.errors import CheckpointError, ConfigError
 from vlrm.layout.encoder import PreferenceEncoder, apply_pixel_limits
+from vlrm.layout.steps import STEP_AGGREGATIONS, aggregate_steps
 from vlrm.metrics import (
     attribute_metrics,
+    best_of_n,
     bias_diagnostics,
     evaluate_pairs,
     irrelevant_metrics,
     ranking_metrics,
     ranking_pairs,
+    step_metrics,
 )
 from vlrm.model.checkpoints import find_checkpoints, load_processor, weights_mtime
 from vlrm.model.loading import parse_device_map, parse_max_memory
@@ -109,11 +139,27 @@ TRAILING_COLUMNS = [
     "model_dir", "checkpoint_path", "dataset_path", "max_eval_samples", *RESULT_SETTINGS, "weights_mtime", "data_mtime",
     "pairs_file", "evaluated_at",
 ]  # fmt: skip
+# Process checkpoints on step rows (the section "Process checkpoints" below): their result rows carry these instead of
+# the pair metrics, then per source (category) ``<metric>/<source>`` and best-of-N per aggregation ``best_of_n/<how>``.
+PROCESS_COLUMNS = [
+    "reward_type", "step_threshold", "step_macro_f1", "step_f1_correct", "step_f1_wrong", "step_accuracy", "num_steps",
+    "num_neutral_steps", "num_correct_steps", "num_wrong_steps", "num_questions", "num_solutions", "step_aggregation",
+    "best_of_n", "best_of_n_oracle", "best_of_n_random", "num_best_of_n_questions", "solutions_per_s",
+]  # fmt: skip
+PER_SOURCE_METRICS = ("macro_f1", "f1_correct", "f1_wrong", "step_accuracy", "num_steps")
+PROCESS_TABLE_COLUMNS = ["step_macro_f1", "step_f1_correct", "step_f1_wrong", "step_accuracy", "best_of_n",
+                         "best_of_n_oracle", "num_solutions", "solutions_per_s"]  # fmt: skip
+# Compared on resume only for process results (an outcome result never depended on it).
+PROCESS_SETTINGS = ("step_threshold",)
+# VisualProcessBench (arXiv 2503.10291): a set of step rows whose every category (its `data_source`) is one of these
+# is recognised as the benchmark, and its published numbers are printed beside ours.
+VISUAL_PROCESS_BENCH = "visualprocessbench"
+VISUAL_PROCESS_BENCH_SOURCES = ("MMMU", "MathVision", "MathVerse", "DynaMath", "WeMath")
 JSON_ONLY = ("overlong_ids", "bias")  # lists: in the JSON, not the CSV
 TABLE_COLUMNS = [
     "model", "checkpoint", "step", "dataset", "status", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "num_ties",
     "macro_accuracy", "acc_plus", "top1_accuracy", "kendall_tau", "margin_mean", "irrelevant_accuracy", "reward_mean",
-    "reward_std", "num_pairs", "pairs_per_s", "error",
+    "reward_std", "num_pairs", "pairs_per_s", *PROCESS_TABLE_COLUMNS, "error",
 ]  # fmt: skip
 
 
@@ -152,23 +198,31 @@ def read_results(json_path: Path) -> list[dict]:
 
 
 def results_frame(rows: list[dict]) -> pd.DataFrame:
-    """One flat row per result: ``per_category`` becomes ``accuracy/<category>`` columns."""
+    """One flat row per result: ``per_category`` becomes ``accuracy/<category>`` columns; a process result's
+    ``per_source`` ``<metric>/<source>`` columns and its ``best_of_n_by_aggregation`` ``best_of_n/<how>`` ones."""
     flat = []
     for row in rows:
         row = {key: value for key, value in row.items() if key not in JSON_ONLY}
         for category, values in (row.pop("per_category", None) or {}).items():
             row[f"accuracy/{category}"] = values["accuracy"]
+        for source, values in (row.pop("per_source", None) or {}).items():
+            row.update({f"{metric}/{source}": values[metric] for metric in PER_SOURCE_METRICS})
+        for how, value in (row.pop("best_of_n_by_aggregation", None) or {}).items():
+            row[f"best_of_n/{how}"] = value
         for name, values in (row.pop("attributes", None) or {}).items():  # attribute heads on rated rows
             for metric in ("pairwise_accuracy", "mae", "rmse"):
                 row[f"attribute/{name}/{metric}"] = values[metric]
         flat.append(row)
     frame = pd.DataFrame(flat)
-    leading = [column for column in LEADING_COLUMNS if column in frame]
-    leading += sorted(column for column in frame if column.startswith("accuracy/") and column not in leading)
+    leading = [column for column in LEADING_COLUMNS + PROCESS_COLUMNS if column in frame]
+    for prefix in ("accuracy", "best_of_n", *PER_SOURCE_METRICS):
+        leading += sorted(column for column in frame if column.startswith(f"{prefix}/") and column not in leading)
     trailing = [column for column in TRAILING_COLUMNS if column in frame]
     frame = frame[leading + [column for column in frame if column not in leading + trailing] + trailing]
     # Nullable ints: an error row's missing count must not turn every count into a float.
-    return frame.astype({column: "Int64" for column in ("step", "num_ties", "num_pairs") if column in frame})
+    counts = ("step", "num_ties", "num_pairs", "num_steps", "num_neutral_steps", "num_solutions", "num_questions")
+    counts += tuple(column for column in frame if column.startswith("num_steps/"))
+    return frame.astype({column: "Int64" for column in counts if column in frame})
 
 
 def write_results(rows: list[dict], config: EvalConfig, csv_path: Path, json_path: Path) -> None:
@@ -189,7 +243,7 @@ def write_plot(rows: list[dict], plot_path: Path, title: str) -> list[str]:
     is unknown is a dashed line across, so runs saved without checkpoints still show up. Returns the line labels."""
     figure = Figure(figsize=(9, 5.5), layout="constrained")
     axes = figure.subplots()
-    ok_rows = [row for row in sort_rows(rows) if row["status"] == "ok"]
+    ok_rows = [row for row in sort_rows(rows) if row["status"] == "ok" and row.get("accuracy") is not None]
     series = dict.fromkeys((row["model"], row.get("dataset", "")) for row in ok_rows)
     labels = []
     for index, (model, dataset) in enumerate(series):
@@ -213,6 +267,41 @@ def write_plot(rows: list[dict], plot_path: Path, title: str) -> list[str]:
                 labels.append(f"{label} ({row['checkpoint']})")
     axes.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="chance")
     axes.set(xlabel="step", ylabel="preference accuracy (ties count as wrong)", ylim=(-0.02, 1.02), title=title)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best", fontsize="small")
+    write_atomically(plot_path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    return labels
+
+
+def write_process_plot(rows: list[dict], plot_path: Path, title: str) -> list[str]:
+    """The process results' plot, as ``write_plot`` draws the pairs': step macro-F1 (VisualProcessBench's score)
+    against step, one line per (model, dataset), best-of-N (the checkpoint's aggregation) dashed where the rows have
+    several solutions; a final model whose step is unknown is a dotted line across. Returns the line labels."""
+    figure = Figure(figsize=(9, 5.5), layout="constrained")
+    axes = figure.subplots()
+    ok_rows = [row for row in sort_rows(rows) if row["status"] == "ok" and row.get("step_macro_f1") is not None]
+    series = dict.fromkeys((row["model"], row.get("dataset", "")) for row in ok_rows)
+    labels = []
+    for index, (model, dataset) in enumerate(series):
+        color = f"C{index % 10}"
+        label = f"{model} · {dataset}" if len({name for _, name in series}) > 1 else model
+        line_rows = [row for row in ok_rows if (row["model"], row.get("dataset", "")) == (model, dataset)]
+        stepped = [row for row in line_rows if row["step"] is not None]
+        if stepped:
+            steps = [row["step"] for row in stepped]
+            axes.plot(steps, [row["step_macro_f1"] for row in stepped], marker="o", color=color, label=label)
+            labels.append(label)
+            if any(row.get("best_of_n") is not None for row in stepped):
+                best = [row.get("best_of_n") for row in stepped]
+                axes.plot(steps, best, marker="s", linestyle="--", color=color, label=f"{label} (best-of-N)")
+                labels.append(f"{label} (best-of-N)")
+        for row in line_rows:
+            if row["step"] is None:
+                axes.axhline(row["step_macro_f1"], color=color, linestyle=":", label=f"{label} ({row['checkpoint']})")
+                labels.append(f"{label} ({row['checkpoint']})")
+    axes.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="random guessing (macro-F1)")
+    axes.set(xlabel="step", ylabel="step macro-F1 (neutral steps left out) / best-of-N", ylim=(-0.02, 1.02),
+             title=title)  # fmt: skip
     axes.grid(alpha=0.3)
     axes.legend(loc="best", fontsize="small")
     write_atomically(plot_path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
@@ -358,6 +447,7 @@ class EvalSet:
     rows: Any  # the dataset, or its rows with fixed irrelevant prompts
     report: Any
     benchmark: str | None
+    step_rows: list[int] = field(default_factory=list)  # the rows with step-labelled solutions (vlrm.data.steps)
 
 
 def dataset_entries(config: EvalConfig) -> list[tuple[str, str]]:
@@ -399,7 +489,9 @@ def plan(config: EvalConfig, entries: list[tuple[str, str]], results: list[dict]
             sweep_keys.append(key)
             done = previous.get(key)
             if done is not None and not config.force:
-                why = [f"{k} {done.get(k)!r} -> {v!r}" for k, v in settings.items() if done.get(k) != v]
+                compared = settings | ({name: getattr(config, name) for name in PROCESS_SETTINGS}
+                                       if done.get("reward_type") == "process" else {})  # fmt: skip
+                why = [f"{k} {done.get(k)!r} -> {v!r}" for k, v in compared.items() if done.get(k) != v]
                 if done.get("weights_mtime") != weights_mtime(checkpoint.path):
                     why.insert(0, "weights changed since it was evaluated")
                 if done.get("data_mtime") != data_mtime(path):
@@ -430,7 +522,13 @@ def load_eval_set(config: EvalConfig, name: str, path: str, encoder: PreferenceE
             dataset, config.num_irrelevant_pairs, config.seed, config.irrelevant_mode, config.eval_batch_size
         )
     benchmark = next((kind for kind in dataset["benchmark"] if kind is not None), None)
-    return EvalSet(name, path, dataset, rows, report, benchmark)
+    step_rows = [index for index, steps in enumerate(dataset["steps"]) if steps]
+    if benchmark is None and step_rows:
+        categories = dataset["category"]
+        sources = {str(categories[index]).lower() for index in step_rows}
+        if sources <= {source.lower() for source in VISUAL_PROCESS_BENCH_SOURCES}:
+            benchmark = VISUAL_PROCESS_BENCH
+    return EvalSet(name, path, dataset, rows, report, benchmark, step_rows)
 
 
 def ranking_set_metrics(scores: PairScores, eval_set: EvalSet, config: EvalConfig) -> tuple[dict, Any]:
@@ -542,6 +640,139 @@ def score_on_every_rank(scorer: RewardScorer | None, eval_set: EvalSet, config: 
     return PairScores.combine([part for part, _ in parts]), None, seconds
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Process checkpoints: a score at every step of every solution (vlrm.use.process), by VisualProcessBench's protocol
+
+# Questions are scored in chunks of about this many batches of solutions: one ``score_steps`` call each (a question's
+# solutions under one prompt node), a progress step each, and under torchrun the unit each rank takes.
+STEP_CHUNK_BATCHES = 8
+
+
+def step_chunks(solution_counts: list[int], batch_size: int) -> list[list[int]]:
+    """Consecutive questions (positions in ``solution_counts``, each its number of solutions) grouped until a group
+    holds ``STEP_CHUNK_BATCHES * batch_size`` solutions: fixed by the data and the batch size alone, so a chunk is
+    scored the same whichever rank scores it."""
+    chunks, current, size = [], [], 0
+    for position, count in enumerate(solution_counts):
+        current.append(position)
+        size += count
+        if size >= STEP_CHUNK_BATCHES * batch_size:
+            chunks.append(current)
+            current, size = [], 0
+    return chunks + ([current] if current else [])
+
+
+def score_steps_on_every_rank(scorer: RewardScorer, eval_set: EvalSet, config: EvalConfig, ranks: Ranks,
+                              desc: str) -> tuple[list[list[np.ndarray]] | None, str | None, float]:  # fmt: skip
+    """(on rank 0, per step row, each of its solutions' step scores (NaN over max_seq_length); the first rank's error
+    or None; seconds). Every rank scores every ``ranks.size``-th chunk of questions (``step_chunks``) with
+    ``RewardScorer.score_steps`` and rank 0 puts them back in the data's order: the calls one process makes, so the
+    same numbers. A question's videos are sampled once for all its solutions."""
+    started, part, error = time.perf_counter(), {}, None
+    try:
+        counts = eval_set.dataset.select(eval_set.step_rows).select_columns(["steps"])["steps"]
+        chunks = step_chunks([len(steps) for steps in counts], config.eval_batch_size)[ranks.rank :: ranks.size]
+        for chunk in tqdm(chunks, desc=desc, unit="chunk", disable=not ranks.main, leave=False):
+            rows, owners = [], []
+            for position in chunk:
+                example = eval_set.dataset[eval_set.step_rows[position]]
+                videos = [scorer.encoder.sample_video(video) for video in example.get("videos") or []]
+                for steps in example["steps"]:
+                    rows.append({"prompt": example["prompt"], "images": example["images"], "videos": videos,
+                                 "steps": steps})  # fmt: skip
+                    owners.append(position)
+            scores = scorer.score_steps(rows, config.eval_batch_size)
+            for position, values in zip(owners, scores.steps, strict=True):
+                part.setdefault(position, []).append(values)
+    except Exception as failure:  # NaN weights, OOM, a bad row: this dataset's row says so
+        logger.error("rank %d: %s: %s", ranks.rank, desc, failure, exc_info=True)
+        error = f"{type(failure).__name__}: {failure}"
+    parts = ranks.gather((part, error))
+    seconds = time.perf_counter() - started
+    if not ranks.main:
+        return None, None, seconds
+    errors = [error for _, error in parts if error is not None]
+    if errors:
+        return None, errors[0], seconds
+    merged = {position: values for part, _ in parts for position, values in part.items()}
+    return [merged[position] for position in range(len(eval_set.step_rows))], None, seconds
+
+
+def _json_list(values: Any) -> str:
+    """A list of numbers as JSON text for one CSV cell (NaN: null), read back with ``json.loads``."""
+    return json.dumps([None if np.isnan(value) else float(value) for value in np.asarray(values, dtype=np.float64)])
+
+
+def step_set_metrics(step_scores: list[list[np.ndarray]], eval_set: EvalSet, config: EvalConfig, aggregation: str,
+                     seconds: float) -> tuple[dict, pd.DataFrame]:  # fmt: skip
+    """Every metric of a process checkpoint on a set of step rows, and one row per solution.
+
+    - The step F1s, macro-F1 and step accuracy (``vlrm.metrics.step_metrics``: VisualProcessBench's protocol, neutral
+      steps left out, a step predicted correct above ``step_threshold``) over every step, and per source (the row's
+      ``category``) in ``per_source``.
+    - Best-of-N (``vlrm.metrics.best_of_n``) on the rows of several solutions, each solution scored by each of
+      ``STEP_AGGREGATIONS`` (``best_of_n_by_aggregation``) and by the checkpoint's own ``aggregation`` (``best_of_n``);
+      a solution is correct when every labelled step is (``vlrm.data.steps.is_correct_solution``); a row with a
+      solution over max_seq_length is left out of best-of-N.
+    Solutions over max_seq_length (their scores NaN) are left out, counted in ``num_overlong``, their ids listed."""
+    columns = eval_set.dataset.select(eval_set.step_rows).select_columns(["id", "category", "step_labels"]).to_dict()
+    solutions = []  # (position, solution index, step scores, step labels)
+    for position, row_scores in enumerate(step_scores):
+        row_labels = columns["step_labels"][position]
+        for index, (scores, labels) in enumerate(zip(row_scores, row_labels, strict=True)):
+            labels = np.asarray([np.nan if label is None else label for label in labels], dtype=np.float64)
+            solutions.append((position, index, np.asarray(scores, dtype=np.float64), labels))
+    scored = [not np.isnan(scores).any() for _, _, scores, _ in solutions]
+    if not any(scored):
+        raise ValueError(f"every solution of {eval_set.name} is longer than max_seq_length={config.max_seq_length}")
+    kept = [solution for solution, keep in zip(solutions, scored, strict=True) if keep]
+    overall = step_metrics(
+        np.concatenate([scores for _, _, scores, _ in kept]), np.concatenate([labels for _, _, _, labels in kept]),
+        [columns["category"][position] for position, _, scores, _ in kept for _step in range(len(scores))],
+        config.step_threshold,
+    )  # fmt: skip
+    per_source = overall.pop("per_category")
+    metrics: dict[str, Any] = {f"step_{name}" if "f1" in name else name: value for name, value in overall.items()}
+    metrics["per_source"] = per_source
+
+    # Each solution's score by every aggregation (vlrm.layout.steps.aggregate_steps, as score_steps aggregates).
+    flat = torch.from_numpy(np.concatenate([scores for _, _, scores, _ in kept]).astype(np.float32))
+    owner = torch.cat([torch.full((len(scores),), number) for number, (_, _, scores, _) in enumerate(kept)])
+    aggregated = {how: aggregate_steps(flat, owner, len(kept), how).numpy() for how in STEP_AGGREGATIONS}
+    correct = [is_correct_solution(labels.tolist()) for _, _, _, labels in kept]
+    by_row: dict[int, list[int]] = {}  # each row's kept solutions (numbers into ``kept``)
+    for number, (position, _, _, _) in enumerate(kept):
+        by_row.setdefault(position, []).append(number)
+    complete = [numbers for position, numbers in by_row.items() if len(numbers) == len(step_scores[position])]
+    metrics["best_of_n_by_aggregation"] = {}
+    for how in STEP_AGGREGATIONS:
+        result = best_of_n([aggregated[how][numbers] for numbers in complete],
+                           [[correct[number] for number in numbers] for numbers in complete])  # fmt: skip
+        metrics["best_of_n_by_aggregation"][how] = result["best_of_n"]
+        if how == aggregation:
+            metrics.update(result)
+    selected = {numbers[int(np.argmax(aggregated[aggregation][numbers]))] for numbers in complete if len(numbers) > 1}
+
+    number_of = {(position, index): number for number, (position, index, _, _) in enumerate(kept)}
+    per_solution = pd.DataFrame(
+        [
+            {"id": columns["id"][position], "category": columns["category"][position], "solution": index,
+             "num_steps": len(scores), "step_scores": _json_list(scores), "step_labels": _json_list(labels),
+             "score": float(aggregated[aggregation][number_of[position, index]]) if keep else None,
+             "correct": is_correct_solution(labels.tolist()), "selected": number_of.get((position, index)) in selected}
+            for (position, index, scores, labels), keep in zip(solutions, scored, strict=True)
+        ]
+    )  # fmt: skip
+    unscored = [f"{columns['id'][position]} (solution {index})"
+                for (position, index, _, _), keep in zip(solutions, scored, strict=True) if not keep]  # fmt: skip
+    metrics.update(
+        reward_type="process", step_threshold=config.step_threshold, step_aggregation=aggregation,
+        num_questions=len(step_scores), num_solutions=len(kept), num_overlong=eval_set.report.num_overlong + len(unscored),
+        overlong_ids=(eval_set.report.overlong + unscored)[:20], solutions_per_s=len(solutions) / seconds,
+    )  # fmt: skip
+    return metrics, per_solution
+
+
 def evaluate_checkpoint(config: EvalConfig, model_dir: str, checkpoint: Any, eval_sets: list[EvalSet],
                         pairs_dir: Path, ranks: Ranks, previous: RewardScorer | None = None,
                         ) -> tuple[list[dict], RewardScorer | None]:  # fmt: skip
@@ -593,13 +824,25 @@ def evaluate_checkpoint(config: EvalConfig, model_dir: str, checkpoint: Any, eva
             "data_mtime": data_mtime(eval_set.path),
         }
         desc = f"{checkpoint.name} {eval_set.name}"
-        scores, error, seconds = score_on_every_rank(scorer, eval_set, config, ranks, desc)
+        # A process checkpoint on step rows: every step scored (the section above); on other rows it scores each
+        # response as an outcome model would (its reward at the last step's end), as does an outcome checkpoint.
+        process = scorer.process["reward_type"] == "process" and bool(eval_set.step_rows)
+        if process:
+            row.update(reward_type="process", step_threshold=config.step_threshold)
+            scores, error, seconds = score_steps_on_every_rank(scorer, eval_set, config, ranks, desc)
+        else:
+            scores, error, seconds = score_on_every_rank(scorer, eval_set, config, ranks, desc)
         if not ranks.main:
             continue
         try:
             if error is not None:
                 raise RuntimeError(error)
-            metrics, pair_scores = eval_set_metrics(scores, eval_set, config, seconds)
+            if process:
+                metrics, pair_scores = step_set_metrics(
+                    scores, eval_set, config, scorer.process["step_aggregation"], seconds
+                )
+            else:
+                metrics, pair_scores = eval_set_metrics(scores, eval_set, config, seconds)
         except Exception as failure:
             logger.error("%s/%s on %s: %s", model_name, checkpoint.name, eval_set.name, failure)
             row.update(status="error", error=error or f"{type(failure).__name__}: {failure}")
@@ -609,12 +852,23 @@ def evaluate_checkpoint(config: EvalConfig, model_dir: str, checkpoint: Any, eva
             pairs_file = pairs_dir / f"{safe_model}__{checkpoint.name}__{tag}.csv"
             write_atomically(pairs_file, lambda tmp, frame=pair_scores: frame.to_csv(tmp, index=False))
             row.update(status="ok", error=None, pairs_file=str(pairs_file), **metrics)
-            logger.info(
-                "%s/%s on %s: accuracy %.4f [%.4f, %.4f], %d ties, macro %s, acc+ %s, %d pairs at %.1f pairs/s",
-                model_name, checkpoint.name, eval_set.name, metrics["accuracy"], metrics["accuracy_ci_low"],
-                metrics["accuracy_ci_high"], metrics["num_ties"], _number(metrics["macro_accuracy"]),
-                _number(metrics["acc_plus"]), metrics["num_pairs"], metrics["pairs_per_s"],
-            )  # fmt: skip
+            if process:
+                logger.info(
+                    "%s/%s on %s: step macro-F1 %s (F1 correct %s, wrong %s; threshold %g), step accuracy %s, "
+                    "best-of-N (%s) %s [oracle %s, random %s] on %d questions, %d solutions at %.1f solutions/s",
+                    model_name, checkpoint.name, eval_set.name, _number(metrics["step_macro_f1"]),
+                    _number(metrics["step_f1_correct"]), _number(metrics["step_f1_wrong"]), config.step_threshold,
+                    _number(metrics["step_accuracy"]), metrics["step_aggregation"], _number(metrics["best_of_n"]),
+                    _number(metrics["best_of_n_oracle"]), _number(metrics["best_of_n_random"]),
+                    metrics["num_best_of_n_questions"], metrics["num_solutions"], metrics["solutions_per_s"],
+                )  # fmt: skip
+            else:
+                logger.info(
+                    "%s/%s on %s: accuracy %.4f [%.4f, %.4f], %d ties, macro %s, acc+ %s, %d pairs at %.1f pairs/s",
+                    model_name, checkpoint.name, eval_set.name, metrics["accuracy"], metrics["accuracy_ci_low"],
+                    metrics["accuracy_ci_high"], metrics["num_ties"], _number(metrics["macro_accuracy"]),
+                    _number(metrics["acc_plus"]), metrics["num_pairs"], metrics["pairs_per_s"],
+                )  # fmt: skip
         rows.append(row)
     for row in rows:
         row.update(
@@ -629,17 +883,19 @@ def _number(value: float | None) -> str:
 
 
 def summary_table(rows: list[dict]) -> pd.DataFrame:
-    """One row per checkpoint, one accuracy column per dataset (and its macro / Acc+ where the dataset has them)."""
+    """One row per checkpoint, one accuracy column per dataset (and its macro / Acc+ where the dataset has them; a
+    process result's step macro-F1 and best-of-N)."""
     frame = pd.DataFrame(
         [
             {"model": row["model"], "checkpoint": row["checkpoint"], "step": row["step"], "dataset": row["dataset"],
-             "accuracy": row.get("accuracy"), "macro": row.get("macro_accuracy"), "acc+": row.get("acc_plus")}
+             "accuracy": row.get("accuracy"), "macro": row.get("macro_accuracy"), "acc+": row.get("acc_plus"),
+             "step macro-F1": row.get("step_macro_f1"), "best-of-N": row.get("best_of_n")}
             for row in rows
         ]
     )  # fmt: skip
     wide = frame.pivot_table(
-        index=["model", "checkpoint", "step"], columns="dataset", values=["accuracy", "macro", "acc+"],
-        aggfunc="first", sort=False,
+        index=["model", "checkpoint", "step"], columns="dataset",
+        values=["accuracy", "macro", "acc+", "step macro-F1", "best-of-N"], aggfunc="first", sort=False,
     )  # fmt: skip
     wide = wide.dropna(axis=1, how="all")
     wide.columns = [name if metric == "accuracy" else f"{name} {metric}" for metric, name in wide.columns]
@@ -657,8 +913,9 @@ def reference_lines(rows: list[dict], eval_sets: list[EvalSet]) -> list[str]:
     lines = []
     for eval_set in eval_sets:
         references = REFERENCE_RESULTS.get(eval_set.benchmark or "", [])
-        ours = [row for row in rows if row["dataset"] == eval_set.name and row["status"] == "ok"]
-        if not references or not ours:
+        ours = [row for row in rows if row["dataset"] == eval_set.name and row["status"] == "ok"
+                and row.get("accuracy") is not None]  # fmt: skip
+        if not references or not ours or eval_set.benchmark == VISUAL_PROCESS_BENCH:  # process_reference_lines
             continue
         best = max(ours, key=lambda row: row["accuracy"])
         macro = "" if best.get("macro_accuracy") is None else f", macro {100 * best['macro_accuracy']:.1f}"
@@ -684,6 +941,39 @@ def reference_lines(rows: list[dict], eval_sets: list[EvalSet]) -> list[str]:
                 f"{name} {_percent(100 * per_category[name]['accuracy'] if name in per_category else None)}"
                 for name in categories
             ))  # fmt: skip
+    return lines
+
+
+def process_reference_lines(rows: list[dict], eval_sets: list[EvalSet]) -> list[str]:
+    """VisualProcessBench's published macro-F1s (REFERENCE_RESULTS, percent) next to our best process checkpoint on
+    each dataset recognised as it: overall (every step pooled, as the paper's Overall) and per source."""
+    lines = []
+    for eval_set in eval_sets:
+        if eval_set.benchmark != VISUAL_PROCESS_BENCH:
+            continue
+        references = REFERENCE_RESULTS.get(VISUAL_PROCESS_BENCH, [])
+        ours = [row for row in rows if row["dataset"] == eval_set.name and row["status"] == "ok"
+                and row.get("step_macro_f1") is not None]  # fmt: skip
+        if not references or not ours:
+            continue
+        best = max(ours, key=lambda row: row["step_macro_f1"])
+        sources = list(VISUAL_PROCESS_BENCH_SOURCES)
+        ours_by_source = {name.lower(): values for name, values in (best.get("per_source") or {}).items()}
+        lines.append(f"{eval_set.name} ({VISUAL_PROCESS_BENCH}), step macro-F1 published (percent):")
+        lines.append(f"  {'':<24} {'overall':>7}  " + "  ".join(f"{name:>10}" for name in sources))
+        for ref in references:
+            lines.append(
+                f"  {ref['model']:<24} {_percent(ref['overall']):>7}  "
+                + "  ".join(f"{_percent(ref['per_category'].get(name)):>10}" for name in sources)
+                + f"  ({ref['source']})"
+            )
+        per_source = [ours_by_source.get(name.lower(), {}).get("macro_f1") for name in sources]
+        lines.append(
+            f"  {'ours: ' + best['model'] + '/' + best['checkpoint']:<24} {_percent(100 * best['step_macro_f1']):>7}  "
+            + "  ".join(f"{_percent(None if value is None else 100 * value):>10}" for value in per_source)
+            + f"  (threshold {best['step_threshold']:g}; F1 correct {_percent(100 * best['step_f1_correct'])}, "
+            f"wrong {_percent(100 * best['step_f1_wrong'])})"
+        )
     return lines
 
 
@@ -755,14 +1045,25 @@ def sweep(config: EvalConfig, config_path: str, log_path: Path, ranks: Ranks = R
             )
     for line in reference_lines(sweep_rows, list(eval_sets.values())):
         logger.info(line)
+    for line in process_reference_lines(sweep_rows, list(eval_sets.values())):
+        logger.info(line)
     title = entries[0][0] if len(entries) == 1 else f"{len(entries)} datasets"
-    write_plot(sweep_rows, plot_path, title)
+    process_rows = [row for row in sweep_rows if row.get("reward_type") == "process"]
+    pair_rows = [row for row in sweep_rows if row.get("reward_type") != "process"]
+    plots = []
+    if pair_rows or not process_rows:
+        write_plot(pair_rows, plot_path, title)
+        plots.append(plot_path)
+    if process_rows:
+        plots.append(csv_path.with_name(f"{csv_path.stem}_process.png"))
+        write_process_plot(process_rows, plots[-1], title)
     failed = [row for row in sweep_rows if row["status"] == "error"]
     for row in failed:
         logger.error("%s/%s on %s failed: %s", row["model"], row["checkpoint"], row.get("dataset"), row["error"])
     logger.info(
-        "results: %s, %s, %s; per-pair scores in %s/; log: %s", csv_path, json_path, plot_path, pairs_dir, log_path
-    )
+        "results: %s, %s, %s; per-pair (per-solution) scores in %s/; log: %s", csv_path, json_path,
+        ", ".join(map(str, plots)), pairs_dir, log_path,
+    )  # fmt: skip
     return ranks.broadcast(1 if failed else 0)
 
 

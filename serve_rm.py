@@ -16,6 +16,10 @@ Call it:
         -d '{"items": [{"prompt": "What happens?", "videos": ["clips/a.mp4"], "response": "A cat jumps."}]}'
     curl -s localhost:8000/get_reward -H 'Content-Type: application/json' \\
         -d '{"query": ["What is shown? A cat."], "prompts": ["What is shown?"]}'
+    # a process checkpoint (reward_type: process): steps, or a response split at its step separator
+    curl -s localhost:8000/score -H 'Content-Type: application/json' \\
+        -d '{"items": [{"prompt": "How many?", "images": ["a.png"], "steps": ["Two red.", "So two."]}]}'
+    # -> {"rewards": [solution score], "steps": [[each step's score]]}
 
 Images are data: URLs (`data:image/png;base64,...`), raw base64, or paths under --image_root (only then); videos are
 data: URLs (`data:video/mp4;base64,...`) or paths under --image_root, sampled with the checkpoint's recorded video

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 import vlrm.train.trainer  # noqa: E402
+from vlrm.layout.labels import LABEL_FIELDS  # noqa: E402
 
 
 def start_deepspeed_on_cpu() -> list[str]:
@@ -55,7 +56,7 @@ class RewardProbe(TrainerCallback):
         # Between steps a ZeRO-3 rank's large weights are empty placeholders (its slices live in DeepSpeed).
         local_numel = sum(p.numel() for p in model.parameters())
         batch = trainer._prepare_inputs(trainer.data_collator(list(trainer.eval_dataset)))
-        for key in ("num_pairs", "num_irrelevant", "margin"):
+        for key in LABEL_FIELDS:  # pairs' fields, a ranking's or a process reward's labels: not model inputs
             batch.pop(key, None)
         was_training = model.training
         model.eval()

@@ -31,6 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoProcessor
@@ -251,6 +252,35 @@ def test_qwen3_5_packed_zero3_checkpoint_reloads_with_the_rewards_of_training(la
     reloaded = score(checkpoint, data_dir, packing=True)
     assert_same_rewards(reloaded, torch.tensor(probe["rewards"]), "Qwen3.5 ZeRO-3 reloaded")
     torch.testing.assert_close(score(checkpoint, data_dir), reloaded, rtol=1e-4, atol=1e-5)  # and padded
+
+
+def test_process_reward_trains_under_zero3_and_reloads(launch, tmp_path_factory):
+    """reward_type process (a score at every step's end, step BCE) on 2 CPU processes with ZeRO-3: the ranks exit
+    cleanly, the checkpoint records the process settings, and it reloads in one process to score steps."""
+    from vlrm.data.synthetic_steps import make_steps_dataset
+    from vlrm.use.scoring import RewardScorer
+
+    train, held_out = make_steps_dataset(tmp_path_factory.mktemp("steps"), num_train=8, num_eval=4, image_size=56)
+    run = launch(
+        "process_zero3", 2, "--dataset_path", str(train), "--eval_dataset_path", str(held_out), "--reward_type",
+        "process", "--deepspeed", str(ROOT / "zero3.json"), driver=True,
+    )  # fmt: skip
+    checkpoint = run / f"checkpoint-{STEPS}"
+    probe = json.loads((checkpoint / "probe_rank0.json").read_text())
+    assert probe["zero_stage"] == 3 and probe["local_numel"] < probe["full_numel"] / 10
+    assert json.loads((checkpoint / "config.json").read_text())["vlrm_reward_type"] == "process"
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(losses) == STEPS and all(0 < loss < 5 for loss in losses)
+    # Every step of the eval set's solutions, reloaded in one process: the step rewards the two ranks computed.
+    items = [
+        {"prompt": row["question"], "images": [str(held_out.parent / image) for image in row["images"]],
+         "steps": solution["steps"]}
+        for row in map(json.loads, held_out.read_text().splitlines()) for solution in row["solutions"]
+    ]  # fmt: skip
+    scores = RewardScorer.from_pretrained(checkpoint, dtype="float32", device="cpu").score_steps(items)
+    assert [len(steps) for steps in scores.steps] == [3] * 16
+    assert_same_rewards(torch.tensor(np.concatenate(scores.rewards)), torch.tensor(probe["rewards"]), "process ZeRO-3")
 
 
 # ----------------------------------------------------------------------------------------------------------------

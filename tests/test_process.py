@@ -4,6 +4,7 @@ question, the step loss, aggregations, and bad step rows named by file, row and 
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -188,3 +189,37 @@ def test_step_lengths_and_the_separator_check(tmp_path, tiny_model_dir):
         check_step_separator(encoder.processor, "<|im_end|>", encoder.end_of_turn)
     with pytest.raises(ValueError, match="is empty"):
         check_step_separator(encoder.processor, "", encoder.end_of_turn)
+
+
+def test_process_training_from_the_cli_with_lora_reloads_its_step_scores(
+    tmp_path, tiny_model_dir, synthetic_dir, save_reward_checkpoint
+):
+    """train_rm.py with reward_type process and LoRA adapters: the loss falls, the checkpoint records the process
+    settings, and the scorer reloads it (base + adapters) with the step scores of the final model."""
+    from tests.test_train import run_train
+    from vlrm.data.synthetic_steps import make_steps_dataset
+    from vlrm.use.scoring import RewardScorer
+
+    train, held_out = make_steps_dataset(tmp_path / "data", num_train=8, num_eval=4, image_size=56)
+    run_train(
+        tmp_path, tiny_model_dir, synthetic_dir, "--dataset_path", str(train), "--eval_dataset_path", str(held_out),
+        "--reward_type", "process", "--use_lora", "true", "--lora_r", "8", "--max_steps", "4",
+    )  # fmt: skip
+    output = tmp_path / "out"
+    config = json.loads((output / "checkpoint-4" / "config.json").read_text())
+    assert config["vlrm_reward_type"] == "process" and config["vlrm_step_aggregation"] == "mean"
+    log = (output.parent / "logs").glob("train_*.log")
+    text = "".join(path.read_text() for path in log)
+    assert "process reward: 8 rows of step-labelled solutions" in text and "held-out step accuracy" in text
+    scorer = RewardScorer.from_pretrained(output / "checkpoint-4", dtype="float32", device="cpu")
+    rows = [json.loads(line) for line in held_out.read_text().splitlines()]
+    items = [{"prompt": row["question"], "images": [str(held_out.parent / image) for image in row["images"]],
+              "steps": solution["steps"]} for row in rows for solution in row["solutions"]]  # fmt: skip
+    scores = scorer.score_steps(items)
+    assert len(scores.steps) == 16 and all(len(steps) == 3 for steps in scores.steps)
+    assert np.isfinite(scores.scores).all() and ((0 < scores.scores) & (scores.scores < 1)).all()
+    text_split = scorer.score_steps([{**items[0], "steps": None, "response": "\n\n".join(items[0]["steps"])}])
+    assert np.allclose(text_split.steps[0], scores.steps[0], atol=1e-6)  # a response text split at the separator
+    outcome = RewardScorer.from_pretrained(save_reward_checkpoint(tmp_path / "outcome"), dtype="float32")
+    with pytest.raises(ValueError, match="outcome reward model"):
+        outcome.score_steps(items[:1])

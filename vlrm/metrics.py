@@ -4,6 +4,10 @@ Pure functions on numpy arrays: no model, no I/O. ``chosen[i]`` and ``rejected[i
 
 Ties: a pair with ``chosen == rejected`` counts as wrong, as RewardBench scores it (Lambert et al. 2024), and is
 also counted on its own (``num_ties``), so a model that gives every response the same score reads 0.0, not 0.5.
+
+Process rewards (a score per step, ``vlrm.use.process``): ``step_classification`` / ``step_metrics`` score steps by
+VisualProcessBench's protocol (F1 of the correct and of the wrong steps and their mean, neutral steps left out), and
+``best_of_n`` scores choosing one of a question's N solutions by their aggregated scores (ties to the lowest index).
 """
 
 from __future__ import annotations
@@ -266,3 +270,101 @@ def attribute_metrics(predicted: Any, ratings: Any, names: list[str]) -> dict[st
             "num_rated": int(errors.size),
         }
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Process rewards: each step's score against its label, and choosing one of N solutions by their scores
+
+
+def _f1(true_positive: int, false_positive: int, false_negative: int) -> float | None:
+    """F1 = 2 TP / (2 TP + FP + FN); None when the class is in neither the labels nor the predictions (undefined)."""
+    denominator = 2 * true_positive + false_positive + false_negative
+    return 2 * true_positive / denominator if denominator else None
+
+
+def step_classification(scores: Any, labels: Any, threshold: float = 0.5) -> dict[str, float | int | None]:
+    """VisualProcessBench's protocol (VisualPRM, Wang et al. 2025, arXiv 2503.10291, Sec. 3.3 and 4.2): each labelled
+    step is a binary decision, predicted correct when its score (a probability) is above ``threshold``, wrong
+    otherwise (a score equal to the threshold is wrong); a label is correct above 0.5 (1.0, or a soft label such as a
+    Monte-Carlo estimate of 0.75), wrong otherwise (0.0, 0.25, and 0.5 itself). Neutral steps (NaN labels) are left out.
+
+    - ``f1_correct``: F1 with the correct steps as the positive class; ``f1_wrong``: with the wrong steps as it;
+    - ``macro_f1``: their mean, the paper's score (random guessing reads 0.5 whatever the class balance; a model that
+      calls every step correct does not, unlike accuracy); None when either F1 is undefined (a class in neither the
+      labels nor the predictions);
+    - ``step_accuracy``: the share of labelled steps on the right side of the threshold;
+    - ``num_steps`` (labelled), ``num_neutral_steps``, ``num_correct_steps``, ``num_wrong_steps`` (by label)."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    if scores.shape != labels.shape or scores.ndim != 1:
+        raise ValueError(f"scores and labels must be flat arrays of one length, got {scores.shape} and {labels.shape}")
+    known = ~np.isnan(labels)
+    if not np.isfinite(scores[known]).all():
+        raise ValueError(f"{int((~np.isfinite(scores[known])).sum())} labelled steps have no finite score")
+    predicted, actual = scores[known] > threshold, labels[known] > 0.5
+    true_correct, true_wrong = int((predicted & actual).sum()), int((~predicted & ~actual).sum())
+    false_correct, false_wrong = int((predicted & ~actual).sum()), int((~predicted & actual).sum())
+    f1_correct = _f1(true_correct, false_correct, false_wrong)
+    f1_wrong = _f1(true_wrong, false_wrong, false_correct)
+    return {
+        "f1_correct": f1_correct,
+        "f1_wrong": f1_wrong,
+        "macro_f1": None if f1_correct is None or f1_wrong is None else (f1_correct + f1_wrong) / 2,
+        "step_accuracy": float((predicted == actual).mean()) if actual.size else None,
+        "num_steps": int(actual.size),
+        "num_neutral_steps": int((~known).sum()),
+        "num_correct_steps": int(actual.sum()),
+        "num_wrong_steps": int((~actual).sum()),
+    }
+
+
+def step_metrics(scores: Any, labels: Any, categories: Any = None, threshold: float = 0.5) -> dict[str, Any]:
+    """``step_classification`` over every step pooled (VisualProcessBench's Overall: Table 3 of arXiv 2503.10291 calls
+    it the micro average over its sources, that is, one F1 over all their steps), and in ``per_category`` the same
+    per source (``categories[i]``: step i's row's category; None goes to ``"uncategorized"``; with no category at
+    all, ``per_category`` is empty)."""
+    metrics: dict[str, Any] = step_classification(scores, labels, threshold)
+    metrics["per_category"] = {}
+    if categories is not None and any(category is not None for category in categories):
+        names = np.asarray([UNCATEGORIZED if category is None else str(category) for category in categories])
+        if names.size != np.asarray(scores).size:
+            raise ValueError(f"{names.size} categories for {np.asarray(scores).size} steps")
+        scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+        metrics["per_category"] = {
+            name: step_classification(scores[names == name], labels[names == name], threshold)
+            for name in sorted(set(names))
+        }
+    return metrics
+
+
+def best_of_n(row_scores: Any, row_correct: Any) -> dict[str, float | int | None]:
+    """Best-of-N selection (as VisualPRM evaluates a PRM, arXiv 2503.10291, Sec. 4.1; Lightman et al. 2023, "Let's
+    Verify Step by Step"), over the rows of two or more solutions (rows of one are left out: nothing to choose):
+
+    - ``best_of_n``: the share of rows whose highest-scored solution is correct; a tie for the highest score goes to
+      the solution listed first (the lowest index, as ``np.argmax``);
+    - ``best_of_n_oracle``: the share of rows with at least one correct solution (what a perfect chooser reaches);
+    - ``best_of_n_random``: the expected share when choosing uniformly at random (each row's share of correct
+      solutions, averaged over the rows);
+    - ``num_best_of_n_questions``: the rows counted. All None (count 0) when no row has two solutions.
+
+    ``row_scores[i]``: the scores of row i's solutions (finite); ``row_correct[i]``: whether each is correct."""
+    selected, oracle, expected = [], [], []
+    for scores, correct in zip(row_scores, row_correct, strict=True):
+        scores, correct = np.asarray(scores, dtype=np.float64), np.asarray(correct, dtype=bool)
+        if scores.shape != correct.shape:
+            raise ValueError(f"{scores.size} scores for {correct.size} solutions")
+        if scores.size < 2:
+            continue
+        if not np.isfinite(scores).all():
+            raise ValueError("best-of-N needs a finite score for every solution of a row")
+        selected.append(bool(correct[int(np.argmax(scores))]))
+        oracle.append(bool(correct.any()))
+        expected.append(float(correct.mean()))
+    if not selected:
+        return {"best_of_n": None, "best_of_n_oracle": None, "best_of_n_random": None, "num_best_of_n_questions": 0}
+    return {
+        "best_of_n": float(np.mean(selected)),
+        "best_of_n_oracle": float(np.mean(oracle)),
+        "best_of_n_random": float(np.mean(expected)),
+        "num_best_of_n_questions": len(selected),
+    }

@@ -152,6 +152,30 @@ REFERENCE_RESULTS: dict[str, list[dict[str, Any]]] = {
         _video_rewardbench_row("IXC-2.5-Reward-7B", 53.4, (73.5, 51.3, 56.3, 52.2, 38.7)),
         _video_rewardbench_row("MM-RLHF-Reward-7B", 51.2, (59.4, 37.0, 44.1, 52.2, 65.2)),
     ],
+    # VisualProcessBench (VisualPRM, Wang et al. 2025, arXiv 2503.10291), Table 3: the macro-F1 (mean of the F1 of the
+    # correct and of the wrong steps, neutral steps left out) per data source and Overall, over all steps pooled (the
+    # caption's "micro average"). Steps are scored by process models (VisualPRM) or judged by prompted MLLMs (the
+    # others). Its MathVerse column is MathVerse's Vision-Only split. Read from two transcriptions of the paper that
+    # agree (Sec. 4.2's text gives VisualPRM 62.0, and InternVL2.5-8B's F1 76.8 on correct and 19.2 on wrong steps);
+    # random guessing reads 50.0. Check against the PDF before quoting a per-source number.
+    "visualprocessbench": [
+        {
+            "model": model,
+            "overall": overall,
+            "macro": None,
+            "per_category": dict(zip(("MMMU", "MathVision", "MathVerse", "DynaMath", "WeMath"), sources, strict=True)),
+            "source": "arXiv 2503.10291, Table 3",
+        }
+        for model, overall, sources in (
+            ("VisualPRM-8B", 62.0, (58.5, 62.1, 61.0, 62.7, 61.8)),
+            ("Gemini-2.0-Flash", 62.3, (58.5, 60.1, 62.8, 66.7, 58.7)),
+            ("GPT-4o", 60.3, (56.3, 60.2, 59.7, 59.0, 63.3)),
+            ("GPT-4o-Mini", 57.9, (53.6, 58.9, 57.1, 56.7, 58.5)),
+            ("Qwen2.5-VL-72B", 60.5, (59.2, 59.0, 59.7, 62.9, 62.3)),
+            ("InternVL2.5-78B", 52.6, (52.0, 51.7, 53.7, 50.8, 52.5)),
+            ("InternVL2.5-8B", 48.0, (47.1, 45.5, 47.8, 50.3, 50.8)),
+        )
+    ],
 }
 
 

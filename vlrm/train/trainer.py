@@ -134,9 +134,7 @@ class VLRewardTrainer(RewardTrainer):
         if steps is not None:  # a process reward (vlrm.layout.steps): binary cross-entropy on the step labels
             last_only = bool(getattr(self.args, "train_on_last_step_only", False))
             loss, parts = step_loss(outputs.rewards, steps, getattr(outputs, "logit_scale", None) or 1.0, last_only)
-            metrics = self._metrics[mode]
-            metrics["step_accuracy"].extend(self.accelerator.gather_for_metrics(parts["step_correct"]).tolist())
-            metrics["step_loss"].append(self.accelerator.gather_for_metrics(loss.detach()[None]).mean().item())
+            self._record_step_metrics(mode, outputs.rewards, steps, loss)
             return (loss, outputs) if return_outputs else loss
         loss, parts = self.objective(
             outputs.rewards, num_pairs, num_irrelevant, margin, labels,
@@ -144,6 +142,23 @@ class VLRewardTrainer(RewardTrainer):
         )  # fmt: skip
         self._record_metrics(mode, outputs.rewards, num_pairs, num_irrelevant, labels, parts)
         return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record_step_metrics(self, mode, rewards, steps, loss) -> None:
+        """``step_accuracy`` over every hard-labelled step (sigmoid on the label's side of 0.5) and ``step_loss``.
+        Counted per row and gathered per row: accelerate trims the last eval batch to its number of rows, so a
+        per-step tensor would lose steps."""
+        labels = steps.labels.to(rewards.device)
+        hard = ~torch.isnan(labels) & (labels != 0.5)
+        right = ((rewards.detach().float() > 0) == (labels > 0.5)) & hard
+        row_of_step = steps.row.to(rewards.device)[steps.solution.to(rewards.device)]
+        num_rows = int(steps.row.max()) + 1 if len(steps.row) else 0
+        per_row = torch.zeros(num_rows, 2, device=rewards.device)
+        per_row.index_add_(0, row_of_step, torch.stack([right.float(), hard.float()], dim=1))
+        totals = self.accelerator.gather_for_metrics(per_row).sum(0)
+        correct, counted = int(totals[0]), int(totals[1])
+        self._metrics[mode]["step_accuracy"].extend([1.0] * correct + [0.0] * (counted - correct))
+        self._metrics[mode]["step_loss"].append(self.accelerator.gather_for_metrics(loss.detach()[None]).mean().item())
 
     @torch.no_grad()
     def _record_metrics(self, mode, rewards, num_pairs, num_irrelevant, labels, parts) -> None:

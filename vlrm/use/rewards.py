@@ -21,6 +21,22 @@ A GRPO group is several completions of one prompt with one image or video. ``Rew
 equal prompt and media under one prompt node of the packed layout, so the image or video goes through the vision
 encoder (and is decoded, for a video) and the prompt through the language model once per group, not once per
 completion.
+
+A **process** checkpoint (trained with ``reward_type: process``: a score at the end of every step, ``vlrm.use.process``)
+gives each completion its solution's score: the completion split into steps at the checkpoint's recorded
+``step_separator``, each step's score (sigmoid of its reward, in [0, 1]) combined by the recorded
+``step_aggregation`` (or ``aggregation=``: mean, min, last, product). RL code that wants every step's reward (a
+per-step advantage) calls ``step_rewards`` (one list per completion) or reads ``last_step_rewards`` after a call,
+which holds the same lists without a second forward:
+
+    reward = VLRewardFunction.from_pretrained("outputs/tiny_process_demo", aggregation="min")
+    rewards = reward(prompts, completions, image=images)          # one float per completion, in [0, 1]
+    per_step = reward.last_step_rewards                           # [[0.93, 0.88], [0.71, 0.12, 0.40], ...]
+
+A completion with no step (empty, or only separators) has no place to read a score: it gets ``nan_reward``, as an
+over-long one does (``nan_reward=0.0`` scores it as the worst solution). ``normalize`` is refused for a process
+checkpoint: its scores are probabilities already, on one scale for every checkpoint, and training records no
+reward_mean / reward_std for them.
 """
 
 from __future__ import annotations
@@ -32,6 +48,8 @@ from typing import Any
 import numpy as np
 
 from vlrm.data.videos import VideoSettings
+from vlrm.layout.steps import STEP_AGGREGATIONS
+from vlrm.use.process import StepScores, split_steps
 from vlrm.use.scoring import DEFAULT_MAX_SEQ_LENGTH, RewardScorer
 
 MEDIA_COLUMNS = ("image", "images", "video", "videos")  # the dataset columns read; TRL passes every column
@@ -98,18 +116,38 @@ class VLRewardFunction:
     """A callable reward for TRL's GRPOTrainer (and any RL loop): no gradient, batched, the model kept in eval mode.
 
     The reward is the checkpoint's scalar reward, whatever its head (``vlrm.model.heads``; with attribute heads, their
-    weighted sum). ``normalize``: return ``(r - mean) / std`` with the statistics recorded in the checkpoint's config
-    at the end of training (the final model on a seeded sample of its training set; with attribute heads, the
-    weighted sum of each attribute normalised by its own, ``RewardScorer.normalized``). A completion longer than
+    weighted sum); for a process checkpoint, the solution's aggregated step score (module docstring). ``normalize``:
+    return ``(r - mean) / std`` with the statistics recorded in the checkpoint's config at the end of training (the
+    final model on a seeded sample of its training set; with attribute heads, the weighted sum of each attribute
+    normalised by its own, ``RewardScorer.normalized``); refused for a process checkpoint. A completion longer than
     ``max_seq_length`` is not scored and gets ``nan_reward``: NaN by default, which TRL's GRPOTrainer leaves out of its
-    group's baseline and gives no advantage (unless another reward function scores it)."""
+    group's baseline and gives no advantage (unless another reward function scores it). ``aggregation``: a process
+    checkpoint's step aggregation (None: the recorded one)."""
 
     def __init__(
-        self, scorer: RewardScorer, normalize: bool = False, batch_size: int = 16, nan_reward: float = float("nan")
-    ):
+        self, scorer: RewardScorer, normalize: bool = False, batch_size: int = 16, nan_reward: float = float("nan"),
+        aggregation: str | None = None,
+    ):  # fmt: skip
+        self.process = scorer.process["reward_type"] == "process"
+        if normalize and self.process:
+            raise ValueError(
+                "normalize is not offered for a process reward model: its rewards are step scores aggregated into a "
+                "probability in [0, 1] already (no reward_mean/reward_std is recorded for them); use them as they are"
+            )
         if normalize:
             scorer.require_reward_statistics()  # fails now, with the reason, if the stats are absent
+        if aggregation is not None and not self.process:
+            raise ValueError(
+                "aggregation combines the step scores of a process reward model; this checkpoint is an outcome reward "
+                "model (one reward per completion): leave aggregation unset"
+            )
+        if aggregation is not None and aggregation not in STEP_AGGREGATIONS:
+            raise ValueError(f"aggregation {aggregation!r}: one of {', '.join(STEP_AGGREGATIONS)}")
         self.scorer, self.normalize, self.batch_size, self.nan_reward = scorer, normalize, batch_size, nan_reward
+        self.aggregation = aggregation or (scorer.process["step_aggregation"] if self.process else None)
+        # A process checkpoint's step rewards of the last call: RL code that wants them reads them here rather than
+        # scoring the completions a second time.
+        self.last_step_rewards: list[list[float]] | None = None
         self.__name__ = "vlrm_reward"  # the name TRL logs the reward under (rewards/vlrm_reward/mean)
 
     @classmethod
@@ -126,12 +164,15 @@ class VLRewardFunction:
         device_map: str | dict | None = None,
         max_memory: dict | None = None,
         video_settings: VideoSettings | dict | None = None,
+        nan_reward: float = float("nan"),
+        aggregation: str | None = None,
     ) -> VLRewardFunction:
         """``device_map`` / ``max_memory``: a reward model larger than one GPU, split over several (accelerate's
         dispatch, as ``RewardScorer.from_pretrained`` takes them); e.g. the policy on GPUs 0-3 and a 72B reward
         model on 4-7 with ``device_map="auto", max_memory={4: "75GiB", 5: "75GiB", 6: "75GiB", 7: "75GiB"}``.
         ``video_settings``: how videos are sampled, as ``RewardScorer.from_pretrained`` takes it (None: the
-        checkpoint's recorded settings, those it was trained with)."""
+        checkpoint's recorded settings, those it was trained with). ``nan_reward`` and ``aggregation``: the class
+        docstring."""
         scorer = RewardScorer.from_pretrained(
             checkpoint_dir,
             base_model_path=base_model_path,
@@ -143,7 +184,7 @@ class VLRewardFunction:
             max_memory=max_memory,
             video_settings=video_settings,
         )
-        return cls(scorer, normalize=normalize, batch_size=batch_size)
+        return cls(scorer, normalize=normalize, batch_size=batch_size, nan_reward=nan_reward, aggregation=aggregation)
 
     def rows(self, prompts: Sequence, completions: Sequence, **columns: Any) -> list[dict[str, Any]]:
         """The scorer's rows for TRL's arguments."""
@@ -157,8 +198,52 @@ class VLRewardFunction:
         return rows
 
     def __call__(self, prompts: Sequence, completions: Sequence, **columns: Any) -> list[float]:
+        if self.process:
+            scores = self.step_scores(prompts, completions, **columns)
+            self.last_step_rewards = self._step_lists(scores)
+            return [self.nan_reward if np.isnan(score) else float(score) for score in scores.scores]
         columns = {key: value for key, value in columns.items() if key in MEDIA_COLUMNS}
         rewards = self.scorer.score(
             self.rows(prompts, completions, **columns), self.batch_size, normalize=self.normalize
         )
         return [self.nan_reward if np.isnan(reward) else float(reward) for reward in rewards]
+
+    def step_rewards(self, prompts: Sequence, completions: Sequence, **columns: Any) -> list[list[float]]:
+        """A process checkpoint's reward for every step of every completion, in TRL's arguments: one list per
+        completion, each step's score (sigmoid of its reward, in [0, 1]) in order; ``nan_reward`` for each step of an
+        over-long completion, an empty list for a completion with no step."""
+        steps = self._step_lists(self.step_scores(prompts, completions, **columns))
+        self.last_step_rewards = steps
+        return steps
+
+    def step_scores(self, prompts: Sequence, completions: Sequence, **columns: Any) -> StepScores:
+        """``RewardScorer.score_steps`` of the completions, each split at the checkpoint's step separator, the solution
+        scores aggregated with this function's ``aggregation``. A completion with no step is not scored: an empty
+        step array and a NaN score."""
+        if not self.process:
+            raise ValueError(
+                "this checkpoint is an outcome reward model (one reward per completion): step rewards need a "
+                "checkpoint trained with reward_type: process; call the function itself for the rewards"
+            )
+        columns = {key: value for key, value in columns.items() if key in MEDIA_COLUMNS}
+        rows = self.rows(prompts, completions, **columns)
+        separator = self.scorer.process["step_separator"]
+        sampled: dict[tuple, dict] = {}  # a group's video decoded once, as score() does (score_steps samples per row)
+        solutions = []
+        for index, row in enumerate(rows):
+            steps = split_steps(row.pop("response"), separator)
+            videos = self.scorer._sampled_videos(row["videos"], index, sampled)
+            solutions.append(row | {"videos": videos, "steps": steps})
+        scored = [index for index, solution in enumerate(solutions) if solution["steps"]]
+        steps = [np.zeros(0, dtype=np.float32) for _ in solutions]
+        rewards = [np.zeros(0, dtype=np.float32) for _ in solutions]
+        scores = np.full(len(solutions), np.nan, dtype=np.float32)
+        if scored:
+            result = self.scorer.score_steps([solutions[i] for i in scored], self.batch_size, self.aggregation)
+            for position, index in enumerate(scored):
+                steps[index], rewards[index] = result.steps[position], result.rewards[position]
+                scores[index] = result.scores[position]
+        return StepScores(steps, rewards, scores, self.aggregation)
+
+    def _step_lists(self, scores: StepScores) -> list[list[float]]:
+        return [[self.nan_reward if np.isnan(value) else float(value) for value in row] for row in scores.steps]

@@ -6,12 +6,14 @@ Its parts: settings and the error shape (``settings``), media decoding (``media`
 
     POST /score       {"items": [{"prompt", "images", "videos", "response"}, ...], "normalize": bool?}
                       -> {"rewards": [...]}
+                      a process checkpoint: items give "steps" (a list) or "response" (split at its step separator)
+                      -> {"rewards": [each solution's aggregated score], "steps": [[each step's score], ...]}
     POST /get_reward  OpenRLHF's remote reward shape: {"query": [text, ...], "prompts"?, "images"?} -> {"rewards"}
                       both take "attributes": true for a checkpoint with attribute heads (reward_attributes): the
                       reply adds {"attributes": {name: [...]}}, each attribute's rewards (normalised with "normalize")
     GET  /health      {"status": "ok"} (no API key needed, for probes)
-    GET  /info        checkpoint, step, normalisation statistics, limits, video limits and sampling, batching
-                      settings, counters
+    GET  /info        checkpoint, step, normalisation statistics, reward type (outcome | process, with the step
+                      separator and aggregation), limits, video limits and sampling, batching settings, counters
 
 Requests are checked in Starlette's thread pool (JSON, fields, images and videos decoded, tokens counted), then
 queued. One asyncio task takes requests off the queue and merges them into micro-batches of at most
@@ -44,7 +46,7 @@ from vlrm.model.checkpoints import checkpoint_step
 from vlrm.use.scoring import RewardScorer
 from vlrm.use.server.batcher import MicroBatcher
 from vlrm.use.server.requests import RequestParser
-from vlrm.use.server.settings import NO_REWARD_STATS, RequestError, ServerSettings
+from vlrm.use.server.settings import NO_REWARD_STATS, PROCESS_NOT_NORMALIZED, RequestError, ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +149,9 @@ def _authorize(request: Request, api_key: str | None) -> None:
 
 def create_app(scorer: RewardScorer, settings: ServerSettings, checkpoint_dir: str | Path) -> FastAPI:
     """The FastAPI app serving ``scorer``. Raises ValueError when ``settings.normalize`` is set and the checkpoint
-    records no reward statistics."""
+    records no reward statistics, or is a process reward model (its scores are probabilities already)."""
+    if settings.normalize and scorer.process["reward_type"] == "process":
+        raise ValueError(f"{checkpoint_dir}: {PROCESS_NOT_NORMALIZED}: serve without --normalize")
     if settings.normalize and not scorer.can_normalize:
         raise ValueError(f"{checkpoint_dir}: {NO_REWARD_STATS}: serve without --normalize")
     parser = RequestParser(scorer, settings)
@@ -171,6 +175,9 @@ def create_app(scorer: RewardScorer, settings: ServerSettings, checkpoint_dir: s
         # Decoding images and videos must block neither the event loop nor the model thread.
         rows, options = await run_in_threadpool(parse, body)
         batcher.stats.requests += 1
+        if parser.process:  # each solution's score (the checkpoint's aggregation) and its steps' scores
+            rewards, steps = await batcher.score(rows, options.normalize)
+            return {"rewards": rewards.tolist(), "steps": [values.tolist() for values in steps]}
         if not options.attributes:
             return {"rewards": (await batcher.score(rows, options.normalize)).tolist()}
         rewards, named = await batcher.score(rows, options.normalize, attributes=True)
@@ -201,6 +208,7 @@ def _info(scorer: RewardScorer, settings: ServerSettings, checkpoint_dir: str | 
     if scorer.reward_mean is not None and scorer.reward_std:
         normalization = {"reward_mean": float(scorer.reward_mean), "reward_std": float(scorer.reward_std)}
     limits = {name: getattr(settings, name) for name in INFO_LIMITS}
+    process = scorer.process if scorer.process["reward_type"] == "process" else None
     return {
         "checkpoint": str(Path(checkpoint_dir).resolve()),
         "step": checkpoint_step(checkpoint_dir),
@@ -217,6 +225,10 @@ def _info(scorer: RewardScorer, settings: ServerSettings, checkpoint_dir: str | 
             "dtype": str(scorer.model.dtype),
             "packing": scorer.packing,
             "reward_attributes": None if scorer.attribute_names is None else list(scorer.attribute_names),
+            # outcome: one reward per response; process: a score per step, the reward their aggregation.
+            "reward_type": scorer.process["reward_type"],
+            "step_separator": process["step_separator"] if process else None,
+            "step_aggregation": process["step_aggregation"] if process else None,
         },
         "api_key_required": settings.api_key is not None,
         "stats": asdict(batcher.stats) | {"pending_items": batcher.pending_items},

@@ -6,7 +6,9 @@ node, so the completions of one GRPO group sent as separate requests share one p
 video through the vision encoder (videos arrive sampled, decoded by the request parser: the key of a sampled video is
 its content's, however it was sent). If a merged batch fails, each of its requests is scored alone. With attribute
 heads (``reward_attributes``) every forward returns each attribute's rewards too: a request that asked gets its
-share, and a normalised reward needs them (``RewardScorer.normalized``).
+share, and a normalised reward needs them (``RewardScorer.normalized``). With a process checkpoint the merged rows
+(solutions, with ``steps``) go to ``RewardScorer.score_steps``, which puts the solutions of one prompt under one prompt
+node alike; each request gets its solutions' scores and their step scores.
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ class MicroBatcher:
 
     async def score(
         self, rows: list[dict], normalize: bool, attributes: bool = False
-    ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The rows' rewards, or with ``attributes`` ``(rewards, {attribute: rewards})``."""
+    ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]] | tuple[np.ndarray, list[np.ndarray]]:
+        """The rows' rewards, or with ``attributes`` ``(rewards, {attribute: rewards})``; for a process checkpoint
+        ``(scores, [each row's step scores])``, the scores aggregated with the checkpoint's step aggregation."""
         if self.pending_items + len(rows) > self.settings.max_pending_items:
             raise RequestError(
                 f"server busy: {self.pending_items} items waiting (--max_pending_items="
@@ -124,7 +127,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         rows = [row for pending in batch for row in pending.rows]
         try:
-            rewards, named = await loop.run_in_executor(self._model_thread, self._forward, rows)
+            rewards, named, steps = await loop.run_in_executor(self._model_thread, self._forward, rows)
         except Exception:
             self.stats.failed_batches += 1
             logger.exception("scoring a micro-batch of %d requests failed", len(batch))
@@ -140,15 +143,22 @@ class MicroBatcher:
             offset += len(pending.rows)
             own_rewards = rewards[own]
             own_named = None if named is None else {name: values[own] for name, values in named.items()}
+            if steps is not None:  # a process checkpoint (the parser refuses normalize and attributes for it)
+                _resolve(pending, (own_rewards, steps[own]))
+                continue
             if pending.normalize:
                 own_rewards = self.scorer.normalized(own_rewards, own_named)
                 own_named = None if own_named is None else self.scorer.normalized_attributes(own_named)
             _resolve(pending, (own_rewards, own_named) if pending.attributes else own_rewards)
 
-    def _forward(self, rows: list[dict]) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
-        """Runs in the model thread: the rewards, and each attribute's with attribute heads (else None)."""
-        named = None
-        if self.scorer.attribute_names is None:
+    def _forward(self, rows: list[dict]) -> tuple[np.ndarray, dict[str, np.ndarray] | None, list[np.ndarray] | None]:
+        """Runs in the model thread: the rewards, each attribute's with attribute heads (else None), and for a
+        process checkpoint each row's step scores (else None; the rewards are then the solutions' scores)."""
+        named, steps = None, None
+        if self.scorer.process["reward_type"] == "process":
+            scored = self.scorer.score_steps(rows, batch_size=self.settings.max_batch_size)
+            rewards, steps = scored.scores, scored.steps
+        elif self.scorer.attribute_names is None:
             rewards = self.scorer.score(rows, batch_size=self.settings.max_batch_size)
         else:
             rewards, named = self.scorer.score(rows, batch_size=self.settings.max_batch_size, attributes=True)
@@ -157,7 +167,7 @@ class MicroBatcher:
         self.stats.batches += 1
         self.stats.items += len(rows)
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
-        return rewards, named
+        return rewards, named, steps
 
 
 def _resolve(pending: _Pending, rewards: Any = None, exception: Exception | None = None) -> None:

@@ -11,6 +11,11 @@ only: ``images``, one list per query).
 
 Every item's tokens are counted against ``max_seq_length`` here, before it is queued: nothing is truncated. Both
 bodies may ask ``"normalize"`` and, for a checkpoint with attribute heads, ``"attributes"`` (``ScoreOptions``).
+
+A process checkpoint (``reward_type: process``, ``vlrm.use.process``) scores solutions step by step: a ``/score`` item
+gives ``steps`` (a list of non-empty strings) or ``response`` (text, split at the checkpoint's step separator, as
+``split_steps`` splits a completion in RL), and its row carries ``steps``; a ``/get_reward`` query's response is split
+alike. ``normalize`` is refused for it (its scores are probabilities already).
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from typing import Any
 
 from vlrm.data.rows import user_prompt
 from vlrm.layout.encoder import PreferenceEncoder
+from vlrm.use.process import split_steps
 from vlrm.use.scoring import RewardScorer
 from vlrm.use.server.media import ImageDecoder, VideoDecoder
-from vlrm.use.server.settings import NO_REWARD_STATS, RequestError, ServerSettings, kind_of
+from vlrm.use.server.settings import NO_REWARD_STATS, PROCESS_NOT_NORMALIZED, RequestError, ServerSettings, kind_of
 
 ITEM_FIELDS = ("prompt", "images", "videos", "response")
+PROCESS_ITEM_FIELDS = ("prompt", "images", "videos", "steps", "response")  # steps or response
 ROLES = ("system", "user", "assistant")
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 VISION_PLACEHOLDER = re.compile(r"<\|vision_start\|>(?:<\|image_pad\|>)+<\|vision_end\|>")
@@ -154,7 +161,13 @@ class RequestParser:
     Hugging Face fast tokenizer must not be used by two threads at once, and the model thread uses the scorer's."""
 
     def __init__(self, scorer: RewardScorer, settings: ServerSettings):
-        self.encoder = PreferenceEncoder(copy.deepcopy(scorer.processor), scorer.encoder.video_settings)
+        self.encoder = PreferenceEncoder(
+            copy.deepcopy(scorer.processor), scorer.encoder.video_settings, scorer.process["step_separator"]
+        )
+        # A process checkpoint: items are solutions of steps, counted as the scorer encodes them (encode_steps).
+        self.process = scorer.process["reward_type"] == "process"
+        self.step_separator = scorer.process["step_separator"]
+        self.item_fields = PROCESS_ITEM_FIELDS if self.process else ITEM_FIELDS
         self.tokenizer_lock = threading.Lock()
         self.images = ImageDecoder(settings.image_root, settings.max_pixels_per_image, settings.max_body_bytes)
         # Sampled with the scorer's video settings and patch factor (the same processor), so the frames are the ones
@@ -181,17 +194,29 @@ class RequestParser:
         rows, videos = [], {}  # videos: this request's decoded videos by content, each decoded once
         for index, item in enumerate(items):
             if not isinstance(item, dict):
+                raise RequestError(f"expected an object {{{', '.join(self.item_fields)}}}, got {kind_of(item)}", index)
+            unknown = [key for key in item if key not in self.item_fields]
+            if "steps" in unknown:  # an outcome checkpoint: a likelier mistake than an unknown field
                 raise RequestError(
-                    f"expected an object {{prompt, images, videos, response}}, got {kind_of(item)}", index
-                )
-            unknown = [key for key in item if key not in ITEM_FIELDS]
+                    "this checkpoint is an outcome reward model (one reward per response): send `response`; `steps` "
+                    "needs a checkpoint trained with reward_type: process (GET /info says which this is)",
+                    index, "steps",
+                )  # fmt: skip
             if unknown:
-                raise RequestError(f"unknown field; expected: {', '.join(ITEM_FIELDS)}", index, unknown[0])
-            for name in ("prompt", "response"):
-                if name not in item:
-                    raise RequestError("missing", index, name)
+                raise RequestError(f"unknown field; expected: {', '.join(self.item_fields)}", index, unknown[0])
+            if "prompt" not in item:
+                raise RequestError("missing", index, "prompt")
+            if not self.process and "response" not in item:
+                raise RequestError("missing", index, "response")
+            if self.process and ("steps" in item) == ("response" in item):
+                raise RequestError(
+                    "give either `steps` (a list of strings) or `response` (text, split at the step separator "
+                    f"{self.step_separator!r}), " + ("not both" if "steps" in item else "one of them is missing"),
+                    index, "steps",
+                )  # fmt: skip
             media = {"images": item.get("images", []), "videos": item.get("videos", []), "decoded_videos": videos}
-            rows.append(self._row(index, item["prompt"], response=item["response"], **media))
+            answer = {"response": item.get("response"), "steps": item.get("steps")}
+            rows.append(self._row(index, item["prompt"], **answer, **media))
         return rows, options
 
     def get_reward_request(self, body: bytes) -> tuple[list[dict], ScoreOptions]:
@@ -273,16 +298,19 @@ class RequestParser:
         value = payload.get("normalize", self.settings.normalize)
         if not isinstance(value, bool):
             raise RequestError(f"expected true or false, got {kind_of(value)}", field="normalize")
+        if value and self.process:
+            raise RequestError(f"{PROCESS_NOT_NORMALIZED}: ask without normalize", field="normalize")
         if value and not self.can_normalize:
             raise RequestError(NO_REWARD_STATS, field="normalize")
         return value
 
     def _row(
         self, item: int, prompt: Any, images: Any, response: Any, prompt_field: str = "prompt",
-        response_field: str = "response", videos: Any = (), decoded_videos: dict | None = None,
+        response_field: str = "response", videos: Any = (), decoded_videos: dict | None = None, steps: Any = None,
     ) -> dict:  # fmt: skip
         """The scorer's row of one item: checked cheaply first (types, counts, places), then its media decoded and its
-        tokens counted. ``decoded_videos``: the request's videos decoded so far, shared by its items."""
+        tokens counted. ``decoded_videos``: the request's videos decoded so far, shared by its items. A process
+        checkpoint's row has ``steps`` (given, or ``response`` split) instead of ``response``."""
         if not isinstance(images, list):
             raise RequestError(f"expected a list of images, got {kind_of(images)}", item, "images")
         if len(images) > self.settings.max_images:
@@ -291,7 +319,11 @@ class RequestParser:
             raise RequestError(f"expected a list of videos, got {kind_of(videos)}", item, "videos")
         if len(videos) > self.settings.max_videos:
             raise RequestError(f"{len(videos)} videos, over --max_videos={self.settings.max_videos}", item, "videos")
-        response = _text(response, item, response_field)
+        if self.process:
+            response_field = response_field if steps is None else "steps"  # where an over-long solution is named
+            steps = self._steps(item, steps, response, response_field)
+        else:
+            response = _text(response, item, response_field)
         messages = _messages(prompt, len(images), item, prompt_field, len(videos))
         for kind, given in (("image", images), ("video", videos)):
             places = sum(part["type"] == kind for message in messages for part in message["content"])
@@ -302,11 +334,28 @@ class RequestParser:
         sampled = [
             self.videos.decode(value, item, f"videos[{index}]", decoded_videos) for index, value in enumerate(videos)
         ]
-        self._check_length(item, messages, decoded, response, prompt_field, response_field, sampled)
-        return {"prompt": messages, "images": decoded, "videos": sampled, "response": response}
+        answer = {"steps": steps} if self.process else {"response": response}
+        self._check_length(item, messages, decoded, answer, prompt_field, response_field, sampled)
+        return {"prompt": messages, "images": decoded, "videos": sampled} | answer
+
+    def _steps(self, item: int, steps: Any, response: Any, response_field: str) -> list[str]:
+        """A process item's steps: the list given, each a non-empty string, or its response split at the step
+        separator (``split_steps``: pieces stripped, empty ones dropped) into at least one step."""
+        if steps is None:
+            pieces = split_steps(_text(response, item, response_field), self.step_separator)
+            if not pieces:
+                raise RequestError(
+                    f"has no step: only the step separator {self.step_separator!r} and spaces", item, response_field
+                )
+            return pieces
+        if not isinstance(steps, list):
+            raise RequestError(f"expected a list of steps (strings), got {kind_of(steps)}", item, "steps")
+        if not steps:
+            raise RequestError("is empty: a solution needs at least one step", item, "steps")
+        return [_text(step, item, f"steps[{index}]") for index, step in enumerate(steps)]
 
     def _check_length(
-        self, item: int, messages: list, images: list, response: str, prompt_field: str, response_field: str,
+        self, item: int, messages: list, images: list, answer: dict, prompt_field: str, response_field: str,
         videos: list[dict],
     ) -> None:  # fmt: skip
         with self.tokenizer_lock:
@@ -318,11 +367,15 @@ class RequestParser:
                 prompt_tokens += sum(self.encoder.video_expansion(video) for video in videos)
             except ValueError as error:
                 raise RequestError(f"the video processor refuses a video: {error}", item, "videos") from error
-            response_tokens = len(self.encoder.encode_response(response))
+            if "steps" in answer:  # as score_steps counts a solution: each step with its separator, the last its end
+                response_tokens = len(self.encoder.encode_steps(answer["steps"])[0])
+            else:
+                response_tokens = len(self.encoder.encode_response(answer["response"]))
         total = prompt_tokens + response_tokens
         if self.max_seq_length is not None and total > self.max_seq_length:
+            what = "steps" if "steps" in answer else "response"
             raise RequestError(
-                f"{total} tokens (prompt {prompt_tokens} with visual tokens, response {response_tokens}), over "
+                f"{total} tokens (prompt {prompt_tokens} with visual tokens, {what} {response_tokens}), over "
                 f"max_seq_length={self.max_seq_length}: not scored (never truncated)",
                 item, prompt_field if prompt_tokens >= self.max_seq_length else response_field,
             )  # fmt: skip

@@ -37,7 +37,8 @@ class ServerSettings:
         default=False,
         metadata={
             "help": "Return (reward - reward_mean) / reward_std by default (a request's `normalize` overrides it). "
-            "Needs both values in the checkpoint's config.json, else the server refuses to start."
+            "Needs both values in the checkpoint's config.json, else the server refuses to start; refused for a "
+            "process reward model (its rewards are probabilities already)."
         },
     )
     max_batch_size: int = field(default=32, metadata={"help": "Most items merged into one forward pass."})
@@ -113,10 +114,18 @@ NO_REWARD_STATS = (
 )
 
 
+PROCESS_NOT_NORMALIZED = (
+    "the checkpoint is a process reward model: its rewards are step scores aggregated into a probability in [0, 1] "
+    "already, and no reward_mean/reward_std is recorded for them"
+)
+
+
 def require_reward_stats(checkpoint_dir: str | Path) -> tuple[float, float]:
     """The checkpoint's ``reward_mean`` and ``reward_std``, read from config.json (before any weight is loaded), or a
     ValueError saying why normalisation cannot be offered."""
     config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    if config.get("vlrm_reward_type") == "process":
+        raise ValueError(f"{checkpoint_dir}: {PROCESS_NOT_NORMALIZED}: serve without --normalize")
     mean, std = config.get("reward_mean"), config.get("reward_std")
     if mean is None or not std:
         raise ValueError(f"{checkpoint_dir}: {NO_REWARD_STATS}: serve without --normalize")
