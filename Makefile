@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 TINY_MODEL := .cache/tiny-qwen2.5-vl
 SYNTHETIC := .cache/synthetic
 SYNTHETIC_VIDEO := .cache/synthetic-video
+SYNTHETIC_STEPS := .cache/synthetic-steps
 
-.PHONY: demo demo-video test lint setup clean
+.PHONY: demo demo-video demo-process test lint setup clean
 
 setup: $(STAMP)
 
@@ -46,6 +47,15 @@ demo-video: $(STAMP) $(TINY_MODEL)/config.json $(SYNTHETIC_VIDEO)/video_train.js
 		--output_file tiny_video_demo_controls.csv --dataset_path $(SYNTHETIC_VIDEO)/video_eval.jsonl \
 		$(SYNTHETIC_VIDEO)/video_eval_blank.jsonl $(SYNTHETIC_VIDEO)/video_eval_frozen.jsonl \
 		$(SYNTHETIC_VIDEO)/video_eval_reversed.jsonl
+
+$(SYNTHETIC_STEPS)/steps_train.jsonl: vlrm/data/synthetic_steps.py | $(STAMP)
+	$(PY) -m vlrm synthetic --steps --output_dir $(SYNTHETIC_STEPS)
+
+# The process-reward demo: count shapes step by step, one wrong count in half the solutions. Train (a score at every
+# step), then sweep the checkpoints: step macro-F1, step accuracy and best-of-4, and the same with the images blanked.
+demo-process: $(STAMP) $(TINY_MODEL)/config.json $(SYNTHETIC_STEPS)/steps_train.jsonl
+	$(PY) train_rm.py training_configs/tiny_process_demo.yaml
+	$(PY) eval_rm.py training_configs/eval_config_process_demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
