@@ -32,6 +32,21 @@ output_file `evaluation_results.csv`:
 
 Ties (chosen == rejected) count as wrong, as RewardBench scores them, and are counted in num_ties.
 
+Joint checkpoints (trained with scoring_mode: joint; vlrm.use.joint) judge a pair's two responses in one sequence, so
+each pair is scored in both orders and the rewards averaged: `accuracy` is the order-averaged one. Their result rows
+add the position-bias diagnostic (absent for independent checkpoints; empty cells in a CSV that mixes both):
+    accuracy_preferred_first, accuracy_preferred_last   pairwise accuracy on the order with the preferred response
+                                                 first (order 0) and on the one with it last (order 1), each on its
+                                                 own order's rewards, ties wrong as above
+    position_gap                                 accuracy_preferred_first - accuracy_preferred_last: how much the
+                                                 model leans on the order (0: none); only the order-averaged accuracy
+                                                 is free of it
+and their per-pair file each order's rewards: chosen_score_preferred_first, rejected_score_preferred_first,
+chosen_score_preferred_last, rejected_score_preferred_last (chosen_score / rejected_score are their means). A joint
+checkpoint has no irrelevant-query branches: its irrelevant metrics are left out. Sets of N responses are averaged
+over joint_permutations orders, with no per-order accuracy; a checkpoint with joint_permutations 1 is scored in the
+given order only (accuracy_preferred_first alone).
+
 Process checkpoints (trained with reward_type: process; their config records it) on rows of step-labelled solutions
 (vlrm.data.steps: VisualProcessBench, VisualPRM400K, `python -m vlrm synthetic --steps`) get every step of every
 solution scored (RewardScorer.score_steps, the probability that the step is right) instead of pairs; on rows without
@@ -128,11 +143,13 @@ RESULT_SETTINGS = (
     "on_bad_sample", "benchmark", "video_fps", "video_max_frames", "video_min_pixels", "video_max_pixels",
     "video_total_pixels",
 )  # fmt: skip
+# A joint checkpoint's position-bias diagnostic (the section "Joint checkpoints" above), beside its accuracy.
+JOINT_COLUMNS = ["accuracy_preferred_first", "accuracy_preferred_last", "position_gap"]
 # CSV column order: these first, then per-category accuracies, then any other metric a row carries (so one added
 # later, such as the irrelevant-query metrics, reaches the CSV and the JSON with no change here), then bookkeeping.
 LEADING_COLUMNS = [
     "model", "checkpoint", "step", "dataset", "dataset_benchmark", "status", "error", "accuracy", "accuracy_ci_low",
-    "accuracy_ci_high", "num_ties", "margin_mean", "margin_std", "num_pairs", "num_overlong", "acc_plus", "num_groups",
+    "accuracy_ci_high", *JOINT_COLUMNS, "num_ties", "margin_mean", "margin_std", "num_pairs", "num_overlong", "acc_plus", "num_groups",
     "reward_mean", "reward_std", "wall_time_s", "load_s", "pairs_per_s", "macro_accuracy",
 ]  # fmt: skip
 TRAILING_COLUMNS = [
@@ -157,8 +174,8 @@ VISUAL_PROCESS_BENCH = "visualprocessbench"
 VISUAL_PROCESS_BENCH_SOURCES = ("MMMU", "MathVision", "MathVerse", "DynaMath", "WeMath")
 JSON_ONLY = ("overlong_ids", "bias")  # lists: in the JSON, not the CSV
 TABLE_COLUMNS = [
-    "model", "checkpoint", "step", "dataset", "status", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "num_ties",
-    "macro_accuracy", "acc_plus", "top1_accuracy", "kendall_tau", "margin_mean", "irrelevant_accuracy", "reward_mean",
+    "model", "checkpoint", "step", "dataset", "status", "accuracy", "accuracy_ci_low", "accuracy_ci_high",
+    *JOINT_COLUMNS, "num_ties", "macro_accuracy", "acc_plus", "top1_accuracy", "kendall_tau", "margin_mean", "irrelevant_accuracy", "reward_mean",
     "reward_std", "num_pairs", "pairs_per_s", *PROCESS_TABLE_COLUMNS, "error",
 ]  # fmt: skip
 
@@ -583,6 +600,20 @@ def ranking_set_metrics(scores: PairScores, eval_set: EvalSet, config: EvalConfi
     return metrics, per_response
 
 
+# A pair's orders on a joint checkpoint (vlrm.use.joint.joint_orders): the given order, then the reverse.
+ORDER_NAMES = ("preferred_first", "preferred_last")
+
+
+def position_metrics(order_chosen: np.ndarray, order_rejected: np.ndarray) -> dict[str, float | None]:
+    """A joint checkpoint's position-bias diagnostic from the scored pairs' per-order rewards ([pairs, orders]):
+    accuracy with the preferred response first and last, each order's rewards alone (ties wrong), and their gap."""
+    accuracies = [float((order_chosen[:, order] > order_rejected[:, order]).mean())
+                  for order in range(order_chosen.shape[1])]  # fmt: skip
+    first, last = accuracies[0], accuracies[1] if len(accuracies) > 1 else None
+    return {"accuracy_preferred_first": first, "accuracy_preferred_last": last,
+            "position_gap": None if last is None else first - last}  # fmt: skip
+
+
 def eval_set_metrics(scores: PairScores, eval_set: EvalSet, config: EvalConfig, seconds: float) -> tuple[dict, Any]:
     """Every metric of one checkpoint on one dataset, and the per-pair scores (unscored over-long pairs are NaN): one
     row per pair, or, for a dataset with rows of N responses, one per response (``ranking_set_metrics``)."""
@@ -607,6 +638,11 @@ def eval_set_metrics(scores: PairScores, eval_set: EvalSet, config: EvalConfig, 
             {"id": columns["id"], "category": columns["category"], "chosen_score": scores.chosen,
              "rejected_score": scores.rejected}
         )  # fmt: skip
+        if scores.order_chosen is not None:  # a joint checkpoint: each order's rewards, and accuracy in each
+            for order, name in enumerate(ORDER_NAMES[: scores.order_chosen.shape[1]]):
+                pair_scores[f"chosen_score_{name}"] = scores.order_chosen[:, order]
+                pair_scores[f"rejected_score_{name}"] = scores.order_rejected[:, order]
+            metrics.update(position_metrics(scores.order_chosen[scored], scores.order_rejected[scored]))
     if scores.irrelevant is not None:  # the row's best response under another prompt
         metrics.update(irrelevant_metrics(chosen, scores.irrelevant[scored]))
     overlong = eval_set.report.overlong + [f"{columns['id'][i]} ({tokens} tokens)" for i, tokens in scores.overlong]
@@ -624,8 +660,12 @@ def score_on_every_rank(scorer: RewardScorer | None, eval_set: EvalSet, config: 
     whole batches (``score_pairs(shard=...)``: the batches of one process, so the same numbers) and rank 0 combines
     them; every rank takes part even after a failure, so none waits forever for another."""
     started, part, error = time.perf_counter(), None, None
+    # A joint checkpoint judges a pair's responses in one chain, with no branch for another prompt: the plain rows.
+    rows = eval_set.dataset if scorer.joint["scoring_mode"] == "joint" else eval_set.rows
+    if rows is not eval_set.rows and ranks.main:
+        logger.info("%s: a joint checkpoint has no irrelevant-query branches: no irrelevant metrics", desc)
     try:
-        part = scorer.score_pairs(eval_set.rows, config.eval_batch_size, desc=desc, shard=ranks.shard,
+        part = scorer.score_pairs(rows, config.eval_batch_size, desc=desc, shard=ranks.shard,
                                   progress=ranks.main)  # fmt: skip
     except Exception as failure:  # NaN weights, OOM: this dataset's row says so
         logger.error("rank %d: %s: %s", ranks.rank, desc, failure, exc_info=True)
@@ -869,6 +909,13 @@ def evaluate_checkpoint(config: EvalConfig, model_dir: str, checkpoint: Any, eva
                     metrics["accuracy_ci_high"], metrics["num_ties"], _number(metrics["macro_accuracy"]),
                     _number(metrics["acc_plus"]), metrics["num_pairs"], metrics["pairs_per_s"],
                 )  # fmt: skip
+                if "position_gap" in metrics:
+                    logger.info(
+                        "%s/%s on %s (joint): accuracy %s with the preferred response first, %s with it last "
+                        "(gap %s); the accuracy above is over both orders", model_name, checkpoint.name,
+                        eval_set.name, _number(metrics["accuracy_preferred_first"]),
+                        _number(metrics["accuracy_preferred_last"]), _number(metrics["position_gap"]),
+                    )  # fmt: skip
         rows.append(row)
     for row in rows:
         row.update(

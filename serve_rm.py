@@ -20,6 +20,8 @@ Call it:
     curl -s localhost:8000/score -H 'Content-Type: application/json' \\
         -d '{"items": [{"prompt": "How many?", "images": ["a.png"], "steps": ["Two red.", "So two."]}]}'
     # -> {"rewards": [solution score], "steps": [[each step's score]]}
+    # a joint checkpoint (scoring_mode: joint): a group's items in one request are judged in one chain
+    # -> {"rewards": [...], "joint": [{"chain": 0, "size": 2, "batch": 7}, ...]}: which items were judged together
 
 Images are data: URLs (`data:image/png;base64,...`), raw base64, or paths under --image_root (only then); videos are
 data: URLs (`data:video/mp4;base64,...`) or paths under --image_root, sampled with the checkpoint's recorded video

@@ -10,7 +10,9 @@ first one the given order). ``RewardScorer`` follows the checkpoint's recorded m
   ``eval_rm.py`` reports the position-bias diagnostic (accuracy with the preferred response first vs last).
 - ``score`` (single responses, a GRPO group's completions): rows with the same prompt and media are chained, at most
   ``joint_group_size`` to a chain (a larger group is split into chains of near-equal size); a lone response is scored
-  alone, a chain of one, and the scorer says how many were (``last_joint_report``).
+  alone, a chain of one, and the scorer says how many were (``last_joint_report``) and, per row, which chain it was
+  scored in and with how many others (``last_joint_rows``, a ``JointRows``: the GRPO reward function and the server
+  read it to say which completions were judged together).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import logging
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -107,23 +110,52 @@ def group_rows(keys: Sequence, group_size: int) -> list[list[int]]:
     return chains
 
 
+@dataclass
+class JointRows:
+    """Per row of a ``score`` call on a joint checkpoint: ``chain[i]``, the chain row i was scored in (numbered from
+    0, prompts in the order of their first row, a prompt's chains one after another; -1: not scored, over
+    ``max_seq_length``), and ``size[i]``, that chain's
+    number of responses (1: scored alone, or not scored). Rows with equal ``chain`` were judged together. A chain that
+    turns out longer than ``max_seq_length`` is still split by the collator (``vlrm.layout.joint.split_chain``): its
+    entry names the chain it was grouped in."""
+
+    chain: np.ndarray  # int64 [rows]
+    size: np.ndarray  # int64 [rows]
+
+    @classmethod
+    def of(cls, chains: list[list[int]], count: int) -> JointRows:
+        chain, size = np.full(count, -1, dtype=np.int64), np.ones(count, dtype=np.int64)
+        for number, members in enumerate(chains):
+            chain[members], size[members] = number, len(members)
+        return cls(chain, size)
+
+    def entries(self, start: int = 0, stop: int | None = None) -> list[dict[str, int]]:
+        """``[{"chain", "size"}, ...]`` for rows ``start:stop`` (the server's reply shape)."""
+        return [{"chain": int(chain), "size": int(size)}
+                for chain, size in zip(self.chain[start:stop], self.size[start:stop], strict=True)]  # fmt: skip
+
+
 def chain_rows(sequences: Sequence[tuple], chains: list[list[int]], texts: Sequence[str]) -> list[dict]:
     """One N-response row per chain of ``score``'s rows (``sequences``: (messages, images, ids, videos)), with
-    neutral labels: the joint collator reads prompts, media and responses."""
+    neutral labels: the joint collator reads prompts, media and responses. A chain's id (the key of its seeded orders,
+    ``joint_orders``) is its responses': the same chain gets the same orders, and so the same rewards, wherever it
+    stands among a call's chains (the server merges requests into micro-batches as they come)."""
     rows = []
-    for number, members in enumerate(chains):
+    for members in chains:
         messages, images, _, videos = sequences[members[0]]
         responses = [texts[index] for index in members]
-        rows.append({"id": f"chain-{number}", "prompt": messages, "images": images, "videos": videos,
+        key = hashlib.sha1("\x1f".join(responses).encode()).hexdigest()[:16]
+        rows.append({"id": f"chain-{key}", "prompt": messages, "images": images, "videos": videos,
                      "responses": responses, "ranks": [0.0] * len(responses), "chosen": responses[0],
                      "rejected": responses[-1]})  # fmt: skip
     return rows
 
 
 def score_joint(scorer: Any, sequences: Sequence[tuple], texts: Sequence[str], kept: list[int], batch_size: int,
-                prompt_key) -> tuple[np.ndarray, np.ndarray | None, dict[str, int]]:  # fmt: skip
+                prompt_key) -> tuple[np.ndarray, np.ndarray | None, dict[str, int], JointRows]:  # fmt: skip
     """Rewards (and attribute rewards) of ``score``'s kept rows on a joint checkpoint: chains of one prompt's rows,
-    ``batch_size`` chains a micro-batch, averaged over orders. Returns them in row order and what was chained."""
+    ``batch_size`` chains a micro-batch, averaged over orders. Returns them in row order, what was chained (counts) and
+    each row's chain (``JointRows``; rows not in ``kept``: -1, size 1)."""
     settings = scorer.joint
     chains = [[kept[i] for i in chain] for chain in group_rows([prompt_key(sequences[i]) for i in kept],
                                                                settings["joint_group_size"])]  # fmt: skip
@@ -153,4 +185,4 @@ def score_joint(scorer: Any, sequences: Sequence[tuple], texts: Sequence[str], k
     if report["alone"]:
         logger.info("joint checkpoint: %d response(s) with no other response of their prompt scored alone",
                     report["alone"])  # fmt: skip
-    return rewards, named, report
+    return rewards, named, report, JointRows.of(chains, len(sequences))

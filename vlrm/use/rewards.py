@@ -22,6 +22,11 @@ equal prompt and media under one prompt node of the packed layout, so the image 
 encoder (and is decoded, for a video) and the prompt through the language model once per group, not once per
 completion.
 
+A **joint** checkpoint (``scoring_mode: joint``, ``vlrm.use.joint``) judges a group's completions together: ``score``
+chains the completions of one prompt and media, at most the recorded ``joint_group_size`` to a chain (a larger group in
+near-equal chains), averaged over orders; ``reward.scorer.last_joint_rows`` says after a call which chain each
+completion was in and its size (1: a completion with no other of its prompt in the call, judged alone).
+
 A **process** checkpoint (trained with ``reward_type: process``: a score at the end of every step, ``vlrm.use.process``)
 gives each completion its solution's score: the completion split into steps at the checkpoint's recorded
 ``step_separator``, each step's score (sigmoid of its reward, in [0, 1]) combined by the recorded

@@ -42,7 +42,7 @@ from vlrm.layout.steps import process_settings
 from vlrm.model.heads import attribute_weights, head_settings_of
 from vlrm.model.loading import load_checkpoint
 from vlrm.model.reward_model import VLRewardModel
-from vlrm.use.joint import JointOrdersCollator, average_outputs, score_joint
+from vlrm.use.joint import JointOrdersCollator, JointRows, average_outputs, score_joint
 from vlrm.use.process import StepScores, score_steps
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,9 @@ class RewardScorer:
             self.collator = JointOrdersCollator(
                 self.encoder, packing, self.joint["joint_permutations"], max_seq_length=max_seq_length
             )
+        # What the last ``score`` call on a joint checkpoint chained: counts, and each row's chain and its size.
         self.last_joint_report: dict[str, int] | None = None
+        self.last_joint_rows: JointRows | None = None
         # A process checkpoint (vlrm.layout.steps) records its reward type, step separator and aggregation.
         self.process = process_settings(model.config)
         self.encoder.step_separator = self.process["step_separator"]
@@ -443,9 +445,14 @@ class RewardScorer:
 
         ``attributes``: for a checkpoint with attribute heads (``reward_attributes``), return ``(rewards, {name:
         float32 rewards})``, each attribute's reward per row (``normalize``: each by its own statistics,
-        ``normalized_attributes``); ``rewards`` is still the scalar, their weighted sum."""
+        ``normalized_attributes``); ``rewards`` is still the scalar, their weighted sum.
+
+        A joint checkpoint (``vlrm.use.joint``) chains the rows with the same prompt and media, at most
+        ``joint_group_size`` to a chain; after the call ``last_joint_report`` counts the chains and
+        ``last_joint_rows`` gives each row's chain and its size."""
         if len(rows) == 0:
             raise ValueError("no rows to score")
+        self.last_joint_report = self.last_joint_rows = None  # never a previous call's, should this one fail
         if attributes and self.attribute_names is None:
             raise ValueError(
                 "this checkpoint has no attribute heads (reward_attributes in its config): score without attributes"
@@ -481,7 +488,7 @@ class RewardScorer:
         named = None if self.attribute_names is None else np.full((len(rows), len(self.attribute_names)), np.nan)
         if self.joint["scoring_mode"] == "joint":  # one prompt's responses in chains (vlrm.use.joint)
             texts = [str(row["response"]) for row in rows]
-            joint_rewards, joint_named, self.last_joint_report = score_joint(
+            joint_rewards, joint_named, self.last_joint_report, self.last_joint_rows = score_joint(
                 self, sequences, texts, kept, batch_size, self._prompt_key
             )
             rewards[kept] = joint_rewards[kept]

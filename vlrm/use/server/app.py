@@ -11,16 +11,21 @@ Its parts: settings and the error shape (``settings``), media decoding (``media`
     POST /get_reward  OpenRLHF's remote reward shape: {"query": [text, ...], "prompts"?, "images"?} -> {"rewards"}
                       both take "attributes": true for a checkpoint with attribute heads (reward_attributes): the
                       reply adds {"attributes": {name: [...]}}, each attribute's rewards (normalised with "normalize")
+                      a joint checkpoint (scoring_mode: joint): both replies add {"joint": [{"chain", "size",
+                      "batch"}, ...]}, per item the chain it was judged in, its size (1: alone) and the micro-batch
     GET  /health      {"status": "ok"} (no API key needed, for probes)
     GET  /info        checkpoint, step, normalisation statistics, reward type (outcome | process, with the step
-                      separator and aggregation), limits, video limits and sampling, batching settings, counters
+                      separator and aggregation), scoring mode (independent | joint, with the permutations and the
+                      group size), limits, video limits and sampling, batching settings, counters
 
 Requests are checked in Starlette's thread pool (JSON, fields, images and videos decoded, tokens counted), then
 queued. One asyncio task takes requests off the queue and merges them into micro-batches of at most
 ``max_batch_size`` items, waiting at most ``max_wait_ms`` after the first one; one thread runs the model, so there are
 never two forwards at once. ``RewardScorer.score`` on the merged rows puts rows with equal prompt and media under one
 prompt node (a video by its content, however it was sent), so a prompt sent by several concurrent requests (the
-completions of one GRPO group) is computed once.
+completions of one GRPO group) is computed once. With a joint checkpoint the same merged rows are chained: a request
+carrying a whole group is judged as one chain (or chains of at most ``joint_group_size``), and items of one prompt
+from separate requests are chained when they meet in a micro-batch; the reply's ``joint`` says which were.
 
 Every bad request gets a 4xx JSON ``{"error", "item", "field"}`` naming the item and the field; nothing is ever
 truncated, no URL is fetched, no file outside ``image_root`` is read, and no video frame is decoded before the
@@ -156,6 +161,7 @@ def create_app(scorer: RewardScorer, settings: ServerSettings, checkpoint_dir: s
         raise ValueError(f"{checkpoint_dir}: {NO_REWARD_STATS}: serve without --normalize")
     parser = RequestParser(scorer, settings)
     batcher = MicroBatcher(scorer, settings)
+    joint = scorer.joint["scoring_mode"] == "joint" and not parser.process  # the config refuses joint with process
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -175,6 +181,13 @@ def create_app(scorer: RewardScorer, settings: ServerSettings, checkpoint_dir: s
         # Decoding images and videos must block neither the event loop nor the model thread.
         rows, options = await run_in_threadpool(parse, body)
         batcher.stats.requests += 1
+        if joint:  # and which items were judged together (vlrm.use.server.batcher)
+            result, chained = await batcher.score(rows, options.normalize, options.attributes, joint=True)
+            rewards, named = result if options.attributes else (result, None)
+            reply = {"rewards": rewards.tolist(), "joint": chained}
+            if named is not None:
+                reply["attributes"] = {name: values.tolist() for name, values in named.items()}
+            return reply
         if parser.process:  # each solution's score (the checkpoint's aggregation) and its steps' scores
             rewards, steps = await batcher.score(rows, options.normalize)
             return {"rewards": rewards.tolist(), "steps": [values.tolist() for values in steps]}
@@ -209,6 +222,7 @@ def _info(scorer: RewardScorer, settings: ServerSettings, checkpoint_dir: str | 
         normalization = {"reward_mean": float(scorer.reward_mean), "reward_std": float(scorer.reward_std)}
     limits = {name: getattr(settings, name) for name in INFO_LIMITS}
     process = scorer.process if scorer.process["reward_type"] == "process" else None
+    joint = scorer.joint["scoring_mode"] == "joint"
     return {
         "checkpoint": str(Path(checkpoint_dir).resolve()),
         "step": checkpoint_step(checkpoint_dir),
@@ -229,6 +243,10 @@ def _info(scorer: RewardScorer, settings: ServerSettings, checkpoint_dir: str | 
             "reward_type": scorer.process["reward_type"],
             "step_separator": process["step_separator"] if process else None,
             "step_aggregation": process["step_aggregation"] if process else None,
+            # independent: each response judged alone; joint: one prompt's responses judged in chains (vlrm.use.joint)
+            "scoring_mode": scorer.joint["scoring_mode"],
+            "joint_permutations": scorer.joint["joint_permutations"] if joint else None,
+            "joint_group_size": scorer.joint["joint_group_size"] if joint else None,
         },
         "api_key_required": settings.api_key is not None,
         "stats": asdict(batcher.stats) | {"pending_items": batcher.pending_items},

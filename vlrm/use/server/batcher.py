@@ -9,6 +9,13 @@ heads (``reward_attributes``) every forward returns each attribute's rewards too
 share, and a normalised reward needs them (``RewardScorer.normalized``). With a process checkpoint the merged rows
 (solutions, with ``steps``) go to ``RewardScorer.score_steps``, which puts the solutions of one prompt under one prompt
 node alike; each request gets its solutions' scores and their step scores.
+
+With a joint checkpoint (``vlrm.use.joint``) ``RewardScorer.score`` chains the merged rows of one prompt, at most
+``joint_group_size`` to a chain, so completions of one prompt sent as separate requests are judged together when they
+meet in a micro-batch, as are the items of one request. A request that asks (``joint=True``) gets with its rewards
+each item's ``{"chain", "size", "batch"}``: the chain it was scored in (numbered within the micro-batch), how many
+responses that chain held (1: scored alone) and the micro-batch's number (``stats.batches`` after it), so items of two
+replies with equal ``batch`` and ``chain`` were judged together.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from vlrm.use.joint import JointRows
 from vlrm.use.scoring import RewardScorer
 from vlrm.use.server.settings import RequestError, ServerSettings
 
@@ -33,6 +41,7 @@ class _Pending:
     normalize: bool
     future: asyncio.Future
     attributes: bool = False
+    joint: bool = False
 
 
 @dataclass
@@ -67,18 +76,17 @@ class MicroBatcher:
             await asyncio.gather(self._task, return_exceptions=True)
         self._model_thread.shutdown(wait=True)  # a forward in progress finishes; nothing new starts
 
-    async def score(
-        self, rows: list[dict], normalize: bool, attributes: bool = False
-    ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]] | tuple[np.ndarray, list[np.ndarray]]:
+    async def score(self, rows: list[dict], normalize: bool, attributes: bool = False, joint: bool = False) -> Any:
         """The rows' rewards, or with ``attributes`` ``(rewards, {attribute: rewards})``; for a process checkpoint
-        ``(scores, [each row's step scores])``, the scores aggregated with the checkpoint's step aggregation."""
+        ``(scores, [each row's step scores])``, the scores aggregated with the checkpoint's step aggregation. With
+        ``joint`` (a joint checkpoint): ``(that, [each row's {"chain", "size", "batch"}])`` (module docstring)."""
         if self.pending_items + len(rows) > self.settings.max_pending_items:
             raise RequestError(
                 f"server busy: {self.pending_items} items waiting (--max_pending_items="
                 f"{self.settings.max_pending_items}); retry shortly",
                 status=503,
             )
-        pending = _Pending(rows, normalize, asyncio.get_running_loop().create_future(), attributes)
+        pending = _Pending(rows, normalize, asyncio.get_running_loop().create_future(), attributes, joint)
         self.pending_items += len(rows)
         try:
             self._queue.put_nowait(pending)
@@ -127,7 +135,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         rows = [row for pending in batch for row in pending.rows]
         try:
-            rewards, named, steps = await loop.run_in_executor(self._model_thread, self._forward, rows)
+            rewards, named, steps, joint = await loop.run_in_executor(self._model_thread, self._forward, rows)
         except Exception:
             self.stats.failed_batches += 1
             logger.exception("scoring a micro-batch of %d requests failed", len(batch))
@@ -149,12 +157,19 @@ class MicroBatcher:
             if pending.normalize:
                 own_rewards = self.scorer.normalized(own_rewards, own_named)
                 own_named = None if own_named is None else self.scorer.normalized_attributes(own_named)
-            _resolve(pending, (own_rewards, own_named) if pending.attributes else own_rewards)
+            result = (own_rewards, own_named) if pending.attributes else own_rewards
+            if pending.joint:
+                rows_joint = [] if joint is None else joint.entries(own.start, own.stop)
+                # the count of this forward: the next one starts only after this batch is resolved (_run)
+                result = (result, [entry | {"batch": self.stats.batches} for entry in rows_joint])
+            _resolve(pending, result)
 
-    def _forward(self, rows: list[dict]) -> tuple[np.ndarray, dict[str, np.ndarray] | None, list[np.ndarray] | None]:
-        """Runs in the model thread: the rewards, each attribute's with attribute heads (else None), and for a
-        process checkpoint each row's step scores (else None; the rewards are then the solutions' scores)."""
-        named, steps = None, None
+    def _forward(self, rows: list[dict]) -> tuple[np.ndarray, dict[str, np.ndarray] | None, list[np.ndarray] | None,
+                                                  JointRows | None]:  # fmt: skip
+        """Runs in the model thread: the rewards, each attribute's with attribute heads (else None), for a process
+        checkpoint each row's step scores (else None; the rewards are then the solutions' scores), and for a joint
+        checkpoint each row's chain (``RewardScorer.last_joint_rows``, read here: the next forward overwrites it)."""
+        named, steps, joint = None, None, None
         if self.scorer.process["reward_type"] == "process":
             scored = self.scorer.score_steps(rows, batch_size=self.settings.max_batch_size)
             rewards, steps = scored.scores, scored.steps
@@ -162,12 +177,14 @@ class MicroBatcher:
             rewards = self.scorer.score(rows, batch_size=self.settings.max_batch_size)
         else:
             rewards, named = self.scorer.score(rows, batch_size=self.settings.max_batch_size, attributes=True)
+        if steps is None:
+            joint = self.scorer.last_joint_rows
         if np.isnan(rewards).any():  # the parser checked every length against the scorer's own limit
             raise RuntimeError("the scorer returned NaN for a row the length check accepted")
         self.stats.batches += 1
         self.stats.items += len(rows)
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
-        return rewards, named, steps
+        return rewards, named, steps, joint
 
 
 def _resolve(pending: _Pending, rewards: Any = None, exception: Exception | None = None) -> None:
