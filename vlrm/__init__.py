@@ -36,10 +36,18 @@ _PUBLIC = {
     "REFERENCE_RESULTS": "vlrm.data.benchmarks",
     "make_synthetic_dataset": "vlrm.data.synthetic",
     "make_ranking_dataset": "vlrm.data.synthetic",
+    "make_video_dataset": "vlrm.data.synthetic_video",
+    "make_steps_dataset": "vlrm.data.synthetic_steps",
+    "VideoSettings": "vlrm.data.videos",
+    "sample_video": "vlrm.data.videos",
     # layout
     "PreferenceEncoder": "vlrm.layout.encoder",
     "make_collator": "vlrm.layout.packed",
     "enable_packed_attention": "vlrm.layout.attention",
+    "StepCollator": "vlrm.layout.steps",
+    "ProcessArguments": "vlrm.layout.steps",
+    "JointCollator": "vlrm.layout.joint",
+    "JointArguments": "vlrm.layout.joint",
     # model
     "VLRewardModel": "vlrm.model.reward_model",
     "load_checkpoint": "vlrm.model.loading",
@@ -56,6 +64,7 @@ _PUBLIC = {
     # use
     "RewardScorer": "vlrm.use.scoring",
     "PairScores": "vlrm.use.scoring",
+    "StepScores": "vlrm.use.process",
     "VLRewardFunction": "vlrm.use.rewards",
     "export_for_vllm": "vlrm.use.export",
     "reward_text": "vlrm.use.export",
@@ -64,6 +73,8 @@ _PUBLIC = {
     # beside the wings
     "evaluate_pairs": "vlrm.metrics",
     "ranking_metrics": "vlrm.metrics",
+    "step_metrics": "vlrm.metrics",
+    "best_of_n": "vlrm.metrics",
 }
 
 __all__ = [
@@ -73,17 +84,24 @@ __all__ = [
     "DataSettings",
     "EvalConfig",
     "HeadArguments",
+    "JointArguments",
+    "JointCollator",
     "Objective",
     "ObjectiveArguments",
     "PairScores",
     "PreferenceEncoder",
+    "ProcessArguments",
     "REFERENCE_RESULTS",
     "RewardScorer",
     "ServerSettings",
+    "StepCollator",
+    "StepScores",
     "TrainConfig",
     "VLRewardFunction",
     "VLRewardModel",
     "VLRewardTrainer",
+    "VideoSettings",
+    "best_of_n",
     "create_app",
     "enable_packed_attention",
     "evaluate_pairs",
@@ -95,10 +113,14 @@ __all__ = [
     "load_preference_dataset",
     "make_collator",
     "make_ranking_dataset",
+    "make_steps_dataset",
     "make_synthetic_dataset",
+    "make_video_dataset",
     "prepare_mixture",
     "ranking_metrics",
     "reward_text",
+    "sample_video",
+    "step_metrics",
 ]
 
 
@@ -118,11 +140,16 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time each name l
     from vlrm.data.benchmarks import REFERENCE_RESULTS
     from vlrm.data.prepare import DataSettings, load_preference_dataset, prepare_mixture
     from vlrm.data.synthetic import make_ranking_dataset, make_synthetic_dataset
+    from vlrm.data.synthetic_steps import make_steps_dataset
+    from vlrm.data.synthetic_video import make_video_dataset
+    from vlrm.data.videos import VideoSettings, sample_video
     from vlrm.errors import BadSampleError, CheckpointError, ConfigError
     from vlrm.layout.attention import enable_packed_attention
     from vlrm.layout.encoder import PreferenceEncoder
+    from vlrm.layout.joint import JointArguments, JointCollator
     from vlrm.layout.packed import make_collator
-    from vlrm.metrics import evaluate_pairs, ranking_metrics
+    from vlrm.layout.steps import ProcessArguments, StepCollator
+    from vlrm.metrics import best_of_n, evaluate_pairs, ranking_metrics, step_metrics
     from vlrm.model.checkpoints import find_checkpoints
     from vlrm.model.families import family_of
     from vlrm.model.heads import HeadArguments
@@ -133,6 +160,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time each name l
     from vlrm.train.objectives import Objective, ObjectiveArguments
     from vlrm.train.trainer import VLRewardTrainer
     from vlrm.use.export import export_for_vllm, reward_text
+    from vlrm.use.process import StepScores
     from vlrm.use.rewards import VLRewardFunction
     from vlrm.use.scoring import PairScores, RewardScorer
     from vlrm.use.server.app import create_app
