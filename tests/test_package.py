@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import vlrm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,8 +82,24 @@ def test_no_import_cycle():
 def test_every_public_name_resolves():
     for name in vlrm.__all__:
         assert getattr(vlrm, name) is not None, name
-    with pytest.raises(AttributeError, match="no attribute 'scoring'"):
-        vlrm.scoring  # noqa: B018  (the old flat modules are gone; the API is the way in)
+
+
+def test_the_old_scoring_path_still_imports_with_a_warning(tmp_path):
+    """``from vlrm.scoring import RewardScorer`` (the README's path before the wings) keeps working from any directory,
+    gives the same class, and warns with the path to use instead."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    code = (
+        "import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
+        "try:\n    import vlrm.scoring\nexcept DeprecationWarning as warning:\n    print('warned:', warning)\n"
+        "warnings.simplefilter('ignore', DeprecationWarning)\n"
+        "import importlib, vlrm; old = importlib.import_module('vlrm.scoring')\n"
+        "assert old.RewardScorer is vlrm.RewardScorer; print('same class')"
+    )
+    finished = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert "warned: vlrm.scoring moved into vlrm.use.scoring" in finished.stdout and "same class" in finished.stdout
 
 
 def test_public_api_from_another_directory_is_cheap_until_used(tmp_path):
