@@ -255,12 +255,35 @@ def write_results(rows: list[dict], config: EvalConfig, csv_path: Path, json_pat
     write_atomically(csv_path, lambda tmp: results_frame(rows).to_csv(tmp, index=False))
 
 
-def write_plot(rows: list[dict], plot_path: Path, title: str) -> list[str]:
-    """Accuracy against step, one line per (model, dataset), the bootstrap interval shaded; a final model whose step
-    is unknown is a dashed line across, so runs saved without checkpoints still show up. Returns the line labels."""
+@dataclass(frozen=True)
+class PlotSpec:
+    """What a sweep's plot draws against step: ``metric`` (one line per (model, dataset), its bootstrap
+    ``interval`` shaded when the rows have one), ``second`` dashed beside it where the rows have it, a final model whose
+    step is unknown as a line across (``final_style``), a chance line, and the y axis's label."""
+
+    metric: str
+    interval: tuple[str, str] | None
+    second: str
+    second_label: str
+    final_style: str
+    chance_label: str
+    ylabel: str
+
+
+PAIR_PLOT = PlotSpec("accuracy", ("accuracy_ci_low", "accuracy_ci_high"), "top1_accuracy", "top-1 of N", "--",
+                     "chance", "preference accuracy (ties count as wrong)")  # fmt: skip
+# Step macro-F1 (VisualProcessBench's score) and best-of-N (the checkpoint's aggregation) of process checkpoints.
+PROCESS_PLOT = PlotSpec("step_macro_f1", None, "best_of_n", "best-of-N", ":", "random guessing (macro-F1)",
+                        "step macro-F1 (neutral steps left out) / best-of-N")  # fmt: skip
+
+
+def write_plot(rows: list[dict], plot_path: Path, title: str, spec: PlotSpec = PAIR_PLOT) -> list[str]:
+    """Accuracy against step (``spec``: another metric), one line per (model, dataset), the bootstrap interval
+    shaded; a final model whose step is unknown is a line across, so runs saved without checkpoints still show up.
+    Returns the line labels."""
     figure = Figure(figsize=(9, 5.5), layout="constrained")
     axes = figure.subplots()
-    ok_rows = [row for row in sort_rows(rows) if row["status"] == "ok" and row.get("accuracy") is not None]
+    ok_rows = [row for row in sort_rows(rows) if row["status"] == "ok" and row.get(spec.metric) is not None]
     series = dict.fromkeys((row["model"], row.get("dataset", "")) for row in ok_rows)
     labels = []
     for index, (model, dataset) in enumerate(series):
@@ -270,55 +293,23 @@ def write_plot(rows: list[dict], plot_path: Path, title: str) -> list[str]:
         stepped = [row for row in line_rows if row["step"] is not None]
         if stepped:
             steps = [row["step"] for row in stepped]
-            axes.plot(steps, [row["accuracy"] for row in stepped], marker="o", color=color, label=label)
-            low, high = [row["accuracy_ci_low"] for row in stepped], [row["accuracy_ci_high"] for row in stepped]
-            axes.fill_between(steps, low, high, color=color, alpha=0.15, linewidth=0)
+            axes.plot(steps, [row[spec.metric] for row in stepped], marker="o", color=color, label=label)
+            if spec.interval is not None:
+                low, high = ([row[name] for row in stepped] for name in spec.interval)
+                axes.fill_between(steps, low, high, color=color, alpha=0.15, linewidth=0)
             labels.append(label)
-            if any(row.get("top1_accuracy") is not None for row in stepped):  # rows of N responses
-                top1 = [row.get("top1_accuracy") for row in stepped]
-                axes.plot(steps, top1, marker="s", linestyle="--", color=color, label=f"{label} (top-1 of N)")
-                labels.append(f"{label} (top-1 of N)")
+            if any(row.get(spec.second) is not None for row in stepped):  # rows of N responses / solutions
+                second = [row.get(spec.second) for row in stepped]
+                second_label = f"{label} ({spec.second_label})"
+                axes.plot(steps, second, marker="s", linestyle="--", color=color, label=second_label)
+                labels.append(second_label)
         for row in line_rows:
             if row["step"] is None:
-                axes.axhline(row["accuracy"], color=color, linestyle="--", label=f"{label} ({row['checkpoint']})")
-                labels.append(f"{label} ({row['checkpoint']})")
-    axes.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="chance")
-    axes.set(xlabel="step", ylabel="preference accuracy (ties count as wrong)", ylim=(-0.02, 1.02), title=title)
-    axes.grid(alpha=0.3)
-    axes.legend(loc="best", fontsize="small")
-    write_atomically(plot_path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
-    return labels
-
-
-def write_process_plot(rows: list[dict], plot_path: Path, title: str) -> list[str]:
-    """The process results' plot, as ``write_plot`` draws the pairs': step macro-F1 (VisualProcessBench's score)
-    against step, one line per (model, dataset), best-of-N (the checkpoint's aggregation) dashed where the rows have
-    several solutions; a final model whose step is unknown is a dotted line across. Returns the line labels."""
-    figure = Figure(figsize=(9, 5.5), layout="constrained")
-    axes = figure.subplots()
-    ok_rows = [row for row in sort_rows(rows) if row["status"] == "ok" and row.get("step_macro_f1") is not None]
-    series = dict.fromkeys((row["model"], row.get("dataset", "")) for row in ok_rows)
-    labels = []
-    for index, (model, dataset) in enumerate(series):
-        color = f"C{index % 10}"
-        label = f"{model} · {dataset}" if len({name for _, name in series}) > 1 else model
-        line_rows = [row for row in ok_rows if (row["model"], row.get("dataset", "")) == (model, dataset)]
-        stepped = [row for row in line_rows if row["step"] is not None]
-        if stepped:
-            steps = [row["step"] for row in stepped]
-            axes.plot(steps, [row["step_macro_f1"] for row in stepped], marker="o", color=color, label=label)
-            labels.append(label)
-            if any(row.get("best_of_n") is not None for row in stepped):
-                best = [row.get("best_of_n") for row in stepped]
-                axes.plot(steps, best, marker="s", linestyle="--", color=color, label=f"{label} (best-of-N)")
-                labels.append(f"{label} (best-of-N)")
-        for row in line_rows:
-            if row["step"] is None:
-                axes.axhline(row["step_macro_f1"], color=color, linestyle=":", label=f"{label} ({row['checkpoint']})")
-                labels.append(f"{label} ({row['checkpoint']})")
-    axes.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="random guessing (macro-F1)")
-    axes.set(xlabel="step", ylabel="step macro-F1 (neutral steps left out) / best-of-N", ylim=(-0.02, 1.02),
-             title=title)  # fmt: skip
+                final_label = f"{label} ({row['checkpoint']})"
+                axes.axhline(row[spec.metric], color=color, linestyle=spec.final_style, label=final_label)
+                labels.append(final_label)
+    axes.axhline(0.5, color="gray", linestyle=":", linewidth=1, label=spec.chance_label)
+    axes.set(xlabel="step", ylabel=spec.ylabel, ylim=(-0.02, 1.02), title=title)
     axes.grid(alpha=0.3)
     axes.legend(loc="best", fontsize="small")
     write_atomically(plot_path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
@@ -1103,7 +1094,7 @@ def sweep(config: EvalConfig, config_path: str, log_path: Path, ranks: Ranks = R
         plots.append(plot_path)
     if process_rows:
         plots.append(csv_path.with_name(f"{csv_path.stem}_process.png"))
-        write_process_plot(process_rows, plots[-1], title)
+        write_plot(process_rows, plots[-1], title, PROCESS_PLOT)
     failed = [row for row in sweep_rows if row["status"] == "error"]
     for row in failed:
         logger.error("%s/%s on %s failed: %s", row["model"], row["checkpoint"], row.get("dataset"), row["error"])

@@ -96,9 +96,13 @@ def test_a_response_sees_the_ones_before_it_and_never_the_ones_after(tiny_model_
     earlier = rewards([row["responses"][0], "Something else entirely.", *row["responses"][2:]])  # the second
     assert torch.equal(base[:3], later[:3]) and base[3] != later[3]
     assert torch.equal(base[:1], earlier[:1]) and (base[1:] != earlier[1:]).all()
-    # And unlike independent scoring, the same response scores differently after other responses.
-    alone = rewards(row["responses"])  # same chain, same rewards
-    assert torch.equal(alone, base)
+    # And unlike independent scoring, the same response scores differently after other responses: the third one alone
+    # (a chain of one, which is independent scoring) against its reward after the first two.
+    third = row["responses"][2]
+    lone = row | {"responses": [third], "ranks": [0.0], "chosen": third, "rejected": third}
+    with torch.no_grad():
+        alone = _rewards(model, JointCollator(encoder, True, shuffle=False)([lone], [[0]]))
+    assert not torch.allclose(alone[0], base[2])
 
 
 def test_rewards_come_back_in_the_rows_order_whatever_the_chain_order(tiny_model_dir):

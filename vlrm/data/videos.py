@@ -45,7 +45,7 @@ from qwen_vl_utils import vision_process
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as transforms
 
-from vlrm.data.images import to_rgb
+from vlrm.data.images import resolve_image, to_rgb
 from vlrm.errors import RowProblem
 
 DEFAULT_FACTOR = 28  # Qwen2/2.5-VL: 14-pixel patches, 2 x 2 merged
@@ -161,11 +161,11 @@ def _decode(value: Any, base_dir: Path | None, settings: VideoSettings, field_na
         if total == 0 or fps <= 0:
             raise RowProblem(field_name, f"video {name} has no frames")
         wanted = _frame_indices(settings, total, fps, name, field_name)
-        positions = {index: slot for slot, index in reversed(list(enumerate(wanted)))}
+        wanted_set = set(wanted)
         frames: list[np.ndarray | None] = [None] * len(wanted)
         try:
             for number, frame in enumerate(container.decode(stream)):
-                if number in positions:
+                if number in wanted_set:
                     array = frame.to_ndarray(format="rgb24")
                     for slot, index in enumerate(wanted):  # linspace may draw a frame twice on short videos
                         if index == number:
@@ -230,8 +230,6 @@ def is_sampled(value: Any) -> bool:
 
 
 def _frame_list(value: list, base_dir: Path | None, settings: VideoSettings, field_name: str):
-    from vlrm.data.images import resolve_image
-
     if not value:
         raise RowProblem(field_name, "a video given as frames has no frame")
     arrays, keys = [], []

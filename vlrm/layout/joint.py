@@ -37,6 +37,7 @@ from vlrm.layout.encoder import PreferenceEncoder, joint_separator
 from vlrm.layout.labels import add_label_fields, reward_positions
 from vlrm.layout.packed import Nodes, pack_nodes
 from vlrm.layout.padded import pad_read_points
+from vlrm.layout.steps import record_settings, recorded_settings
 
 logger = logging.getLogger(__name__)
 
@@ -67,21 +68,17 @@ class JointArguments:
     )
 
 
+JOINT_SETTINGS = ("scoring_mode", "joint_permutations", "joint_group_size")
+
+
 def joint_settings(config: Any) -> dict[str, Any]:
     """The joint settings a model config records, or the defaults (independent scoring)."""
-    defaults = JointArguments()
-    return {
-        "scoring_mode": getattr(config, "vlrm_scoring_mode", None) or defaults.scoring_mode,
-        "joint_permutations": getattr(config, "vlrm_joint_permutations", None) or defaults.joint_permutations,
-        "joint_group_size": getattr(config, "vlrm_joint_group_size", None) or defaults.joint_group_size,
-    }
+    return recorded_settings(config, JointArguments(), JOINT_SETTINGS)
 
 
 def record_joint_settings(config: Any, arguments: JointArguments) -> None:
-    config.vlrm_scoring_mode = arguments.scoring_mode
-    if arguments.scoring_mode == "joint":
-        config.vlrm_joint_permutations = arguments.joint_permutations
-        config.vlrm_joint_group_size = arguments.joint_group_size
+    """Write the scoring mode into a model config, and for a joint model its orders and group size."""
+    record_settings(config, arguments, JOINT_SETTINGS if arguments.scoring_mode == "joint" else JOINT_SETTINGS[:1])
 
 
 def chain_order(count: int, seed: int, epoch: int, key: str) -> list[int]:

@@ -67,22 +67,30 @@ class ProcessArguments:
     )
 
 
+def recorded_settings(config: Any, defaults: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """Settings a model config records as ``vlrm_<name>`` (a checkpoint trained with them), else ``defaults``'."""
+    return {name: getattr(config, f"vlrm_{name}", None) or getattr(defaults, name) for name in names}
+
+
+def record_settings(config: Any, arguments: Any, names: tuple[str, ...]) -> None:
+    """Write ``arguments``' settings into a model config as ``vlrm_<name>`` (saved with every checkpoint)."""
+    for name in names:
+        setattr(config, f"vlrm_{name}", getattr(arguments, name))
+
+
+PROCESS_SETTINGS = ("reward_type", "step_separator", "step_aggregation")
+
+
 def process_settings(config: Any) -> dict[str, Any]:
     """The process settings a model config records (``vlrm_reward_type``, ...), or the defaults of an outcome model."""
-    defaults = ProcessArguments()
-    return {
-        "reward_type": getattr(config, "vlrm_reward_type", None) or defaults.reward_type,
-        "step_separator": getattr(config, "vlrm_step_separator", None) or defaults.step_separator,
-        "step_aggregation": getattr(config, "vlrm_step_aggregation", None) or defaults.step_aggregation,
-    }
+    return recorded_settings(config, ProcessArguments(), PROCESS_SETTINGS)
 
 
 def record_process_settings(config: Any, arguments: ProcessArguments) -> None:
-    """Write the process settings into a model config (saved with every checkpoint)."""
-    config.vlrm_reward_type = arguments.reward_type
-    if arguments.reward_type == "process":
-        config.vlrm_step_separator = arguments.step_separator
-        config.vlrm_step_aggregation = arguments.step_aggregation
+    """Write the process settings into a model config (an outcome model records its reward type only)."""
+    record_settings(
+        config, arguments, PROCESS_SETTINGS if arguments.reward_type == "process" else PROCESS_SETTINGS[:1]
+    )
 
 
 def aggregate_steps(probabilities: torch.Tensor, solution: torch.Tensor, num_solutions: int, how: str) -> torch.Tensor:
