@@ -12,9 +12,15 @@ process:
     reload    the same sweep, every checkpoint loaded from scratch (the base model again each time)
     1 / 2     a larger sweep (``--dp_pairs`` pairs) with one process and with ``./run_eval.sh --nproc 2`` (torchrun,
               two CPU processes of one thread each; the one process has the machine's threads)
+    1, 1 thread  the larger sweep once more with one process of one thread: 2 processes over it is the data-parallel
+              path's own scaling, and 2x it over the one process of all threads is the most that splitting this
+              machine's cores between processes could give (the ceiling printed beside the goal)
 
 Sweep time is what eval_rm.py records per checkpoint (load + score, ``wall_time_s``), summed; the per-pair scores of
-the two ways must agree (reuse = reload exactly; 2 processes = 1 to 1e-6). Prints a table, then one line of JSON.
+the two ways must agree (reuse = reload exactly; 2 processes = 1 to 1e-6). Beside each goal it prints the ceiling the
+same run measures: for the LoRA sweep, reload's load time over reuse's (the sweep's speed-up if scoring took no time:
+the first load is the same in both); for the processes, ``--threads`` x the one-thread rate over the one process's.
+Prints a table, then one line of JSON.
 """
 
 from __future__ import annotations
@@ -117,7 +123,7 @@ def sweep(config: Path, how: str, threads: int) -> dict:
                         "PYTHONPATH": str(ROOT)}  # fmt: skip
     if how == "reload":
         command = [sys.executable, "-c", RELOAD, str(config)]
-    elif how == "2 processes":
+    elif how.startswith("2 processes"):
         command = [str(ROOT / "run_eval.sh"), str(config), "--nproc", "2"]
     else:
         command = [sys.executable, str(ROOT / "eval_rm.py"), str(config)]
@@ -166,25 +172,38 @@ def main() -> int:
     run, data = build_run(work, args)
     reuse = sweep(write_config(work, "reuse", run, data, args.pairs), "reuse", args.threads)
     reload = sweep(write_config(work, "reload", run, data, args.pairs), "reload", args.threads)
-    one = sweep(write_config(work, "one", run, data, args.dp_pairs), "1 process", args.threads)
-    two = sweep(write_config(work, "two", run, data, args.dp_pairs), "2 processes", 1)
+    one = sweep(
+        write_config(work, "one", run, data, args.dp_pairs), f"1 process ({args.threads} threads)", args.threads
+    )
+    single = sweep(write_config(work, "single", run, data, args.dp_pairs), "1 process (1 thread)", 1)
+    two = sweep(write_config(work, "two", run, data, args.dp_pairs), "2 processes (1 thread each)", 1)
     lora_speedup, dp_speedup = reload["sweep_s"] / reuse["sweep_s"], two["pairs_per_s"] / one["pairs_per_s"]
     load_speedup = reload["later_loads_s"] / reuse["later_loads_s"]
-    print(f"{'sweep':<24} {'checkpoints':>11} {'pairs each':>10} {'sweep s':>8} {'loads s':>8} {'later loads s':>13} "
+    lora_ceiling = reload["load_s"] / reuse["load_s"]  # the sweep's speed-up were scoring free
+    dp_ceiling = min(2, args.threads) * single["pairs_per_s"] / one["pairs_per_s"]  # cores split, none gained
+    dp_scaling = two["pairs_per_s"] / single["pairs_per_s"]
+    print(f"{'sweep':<28} {'checkpoints':>11} {'pairs each':>10} {'sweep s':>8} {'loads s':>8} {'later loads s':>13} "
           f"{'pairs/s':>8}")  # fmt: skip
-    for result, pairs in ((reuse, args.pairs), (reload, args.pairs), (one, args.dp_pairs), (two, args.dp_pairs)):
+    sweeps = ((reuse, args.pairs), (reload, args.pairs), (one, args.dp_pairs), (single, args.dp_pairs),
+              (two, args.dp_pairs))  # fmt: skip
+    for result, pairs in sweeps:
         name = {"reuse": "LoRA, base loaded once", "reload": "LoRA, reloaded each"}.get(result["how"], result["how"])
-        print(f"{name:<24} {args.checkpoints:>11} {pairs:>10} {result['sweep_s']:>8.1f} {result['load_s']:>8.2f} "
+        print(f"{name:<28} {args.checkpoints:>11} {pairs:>10} {result['sweep_s']:>8.1f} {result['load_s']:>8.2f} "
               f"{result['later_loads_s']:>13.2f} {result['pairs_per_s']:>8.2f}")  # fmt: skip
-    reuse_difference, dp_difference = max_difference(reuse, reload), max_difference(one, two)
+    reuse_difference = max_difference(reuse, reload)
+    dp_difference = max(max_difference(one, two), max_difference(one, single))
     print(f"base loaded once: checkpoints after the first load {load_speedup:.1f}x faster, the sweep {lora_speedup:.2f}x "
-          f"(goal >= 3x); max score difference {reuse_difference:.1e}")  # fmt: skip
-    print(f"2 processes: {dp_speedup:.2f}x the pairs/s of 1 (goal >= 1.6x); max score difference {dp_difference:.1e}")
+          f"(goal >= 3x; {lora_ceiling:.2f}x were scoring free); max score difference {reuse_difference:.1e}")  # fmt: skip
+    print(f"2 processes: {dp_speedup:.2f}x the pairs/s of 1 process of {args.threads} threads (goal >= 1.6x; "
+          f"{dp_ceiling:.2f}x at most on these cores: {args.threads} threads already run at "
+          f"{one['pairs_per_s'] / single['pairs_per_s']:.2f}x one), {dp_scaling:.2f}x one process of 1 thread; "
+          f"max score difference {dp_difference:.1e}")  # fmt: skip
     summary = {
         "checkpoints": args.checkpoints, "lora_speedup": round(lora_speedup, 3), "load_speedup": round(load_speedup, 2),
-        "dp_speedup": round(dp_speedup, 3),
+        "lora_ceiling": round(lora_ceiling, 3), "dp_speedup": round(dp_speedup, 3), "dp_ceiling": round(dp_ceiling, 3),
+        "dp_scaling_one_thread": round(dp_scaling, 3),
         "reuse_max_score_difference": reuse_difference, "dp_max_score_difference": dp_difference,
-        "sweeps": [{key: value for key, value in result.items() if key != "scores"} for result in (reuse, reload, one, two)],
+        "sweeps": [{key: value for key, value in result.items() if key != "scores"} for result, _ in sweeps],
     }  # fmt: skip
     print(json.dumps(summary))
     return 0 if reuse_difference == 0 and dp_difference <= 1e-6 else 1
