@@ -278,3 +278,29 @@ def test_reward_function_video_column_equals_the_scorer(scorers, clips):
     np.testing.assert_allclose(reward(with_parts, completions), expected, rtol=1e-5, atol=1e-6)
     normalised = VLRewardFunction(scorer, normalize=True)(conversational, completions, video=videos)
     np.testing.assert_allclose(normalised, (expected - 0.5) / 2.0, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RewardScorer.score_steps
+
+
+def test_score_steps_decodes_a_shared_video_once_and_names_a_bad_one(tmp_path, save_reward_checkpoint, clips, decodes):
+    """Best-of-4 solutions of one video question: the clip decoded once for the call (not once per solution), the
+    four under one prompt node, their step scores those of each solution scored alone (1e-5); a bad video names the
+    row and the field."""
+    checkpoint = save_reward_checkpoint(
+        tmp_path / "process", seed=4, vlrm_video_sampling=SMALL.identity(), vlrm_reward_type="process",
+        vlrm_step_separator="\n\n", vlrm_step_aggregation="mean",
+    )  # fmt: skip
+    scorer = RewardScorer.from_pretrained(checkpoint, device="cpu")
+    steps = [["It starts at the left.", answer] for answer in GROUP]
+    rows = [{"prompt": QUESTION, "videos": [clips[0]], "steps": solution} for solution in steps]
+    together = scorer.score_steps(rows, batch_size=4)
+    assert decodes == [str(clips[0])]
+    decodes.clear()
+    for row, values in zip(rows, together.steps, strict=True):
+        np.testing.assert_allclose(scorer.score_steps([row]).steps[0], values, rtol=0, atol=1e-5)
+    assert len(decodes) == len(rows)  # one call each: decoded once per call
+    assert len({float(score) for score in together.scores}) == len(rows)
+    with pytest.raises(BadSampleError, match=r"row 2: field `videos\[0\]`: video file not found"):
+        scorer.score_steps(rows[:2] + [{**rows[2], "videos": [tmp_path / "missing.mp4"]}])

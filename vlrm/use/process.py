@@ -51,9 +51,11 @@ def split_steps(text: str, separator: str) -> list[str]:
 
 def step_rows(scorer: Any, rows: Sequence[dict]) -> list[dict]:
     """Process rows (``vlrm.layout.steps``) of ``score_steps``' rows: messages, media, one solution each. Raises
-    ``BadSampleError`` naming the row and field for a row with no step, or with media and places that differ."""
+    ``BadSampleError`` naming the row and field for a row with no step, a bad video, or media and places that differ.
+    A video is sampled once per call however many rows share it (a best-of-N group's solutions do)."""
     separator = scorer.process["step_separator"]
     examples = []
+    sampled: dict[tuple, dict] = {}
     for index, row in enumerate(rows):
         steps = row.get("steps")
         if steps is None:
@@ -64,7 +66,7 @@ def step_rows(scorer: Any, rows: Sequence[dict]) -> list[dict]:
         if not steps or any(not step.strip() for step in steps):
             raise BadSampleError("rows", index, "steps", "a solution needs at least one step, and no empty step")
         images = list(row.get("images") or [])
-        videos = [scorer.encoder.sample_video(video) for video in row.get("videos") or []]
+        videos = scorer._sampled_videos(row.get("videos"), index, sampled)
         prompt = row["prompt"]
         messages = user_prompt(prompt, len(images), len(videos)) if isinstance(prompt, str) else prompt
         examples.append({"prompt": messages, "images": images, "videos": videos, "steps": [steps],

@@ -233,7 +233,7 @@ class VLRewardFunction:
         columns = {key: value for key, value in columns.items() if key in MEDIA_COLUMNS}
         rows = self.rows(prompts, completions, **columns)
         separator = self.scorer.process["step_separator"]
-        sampled: dict[tuple, dict] = {}  # a group's video decoded once, as score() does (score_steps samples per row)
+        sampled: dict[tuple, dict] = {}  # here, so that a bad video names its completion's index
         solutions = []
         for index, row in enumerate(rows):
             steps = split_steps(row.pop("response"), separator)
