@@ -9,7 +9,7 @@ setup(
     install_requires=[
         "torch>=2.6,<=2.14.1",
         "torchvision",
-        "transformers>=5.0,<6",
+        "transformers>=5.24,<6",  # vlrm.layout.attention.MIN_TRANSFORMERS
         "trl>=1.0,<2",
         "accelerate>=1.4",
         "peft>=0.18",

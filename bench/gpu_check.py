@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--work_dir", default=None, help="where the split check writes its checkpoint (default /tmp)")
     args = parser.parse_args(argv)
+    if args.work_dir is not None:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     import torch
     import transformers
 

@@ -13,8 +13,9 @@ import vlrm
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "vlrm"
-# Lowest first: a module may import its own wing and the ones before it. `errors` imports nothing and is below all.
-WINGS = ("errors", "data", "layout", "model", "train", "use")
+# Lowest first: a module may import its own wing and the ones before it. `errors` and `lazy` (the wings' __init__s'
+# public names) import nothing of vlrm and are below all.
+WINGS = ("errors", "lazy", "data", "layout", "model", "train", "use")
 BESIDE = ("metrics", "tiny")  # beside the wings: imported by scripts and tests, never by a wing
 
 
@@ -84,10 +85,17 @@ def test_every_public_name_resolves():
         assert getattr(vlrm, name) is not None, name
 
 
+def run_elsewhere(code: str, directory: Path) -> subprocess.CompletedProcess:
+    """``python -c code`` in ``directory``, without this checkout on PYTHONPATH: the installed package."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=directory, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
 def test_the_old_scoring_path_still_imports_with_a_warning(tmp_path):
     """``from vlrm.scoring import RewardScorer`` (the README's path before the wings) keeps working from any directory,
     gives the same class, and warns with the path to use instead."""
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     code = (
         "import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
         "try:\n    import vlrm.scoring\nexcept DeprecationWarning as warning:\n    print('warned:', warning)\n"
@@ -95,25 +103,43 @@ def test_the_old_scoring_path_still_imports_with_a_warning(tmp_path):
         "import importlib, vlrm; old = importlib.import_module('vlrm.scoring')\n"
         "assert old.RewardScorer is vlrm.RewardScorer; print('same class')"
     )
-    finished = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    )
+    finished = run_elsewhere(code, tmp_path)
     assert finished.returncode == 0, finished.stderr
     assert "warned: vlrm.scoring moved into vlrm.use.scoring" in finished.stdout and "same class" in finished.stdout
 
 
 def test_public_api_from_another_directory_is_cheap_until_used(tmp_path):
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     code = (
         "import sys, vlrm; assert 'torch' not in sys.modules, 'import vlrm loaded torch'; "
         "from vlrm import RewardScorer, VLRewardFunction, VLRewardModel, load_config; "
         "print(RewardScorer.__module__, VLRewardFunction.__module__, VLRewardModel.__module__)"
     )
-    finished = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    )
+    finished = run_elsewhere(code, tmp_path)
     assert finished.returncode == 0, finished.stderr
     assert finished.stdout.split() == ["vlrm.use.scoring", "vlrm.use.rewards", "vlrm.model.reward_model"]
+
+
+def test_using_the_reward_loads_no_training_stack(tmp_path):
+    """Scoring, the GRPO reward function, process and joint scoring import neither TRL, datasets, DeepSpeed nor the
+    server's FastAPI: a GPU node that only uses a reward (the GPU check's machine, an RL trainer's) needs transformers,
+    peft and accelerate, and importing a wing imports none of its modules until a name is used."""
+    code = (
+        "import sys\n"
+        "import vlrm.data, vlrm.layout, vlrm.model, vlrm.train, vlrm.use\n"
+        "print(sorted(name for name in sys.modules if name.startswith('vlrm.')))\n"
+        "from vlrm.use import RewardScorer, VLRewardFunction\n"
+        "import vlrm.use.process, vlrm.use.joint, vlrm.model.loading\n"
+        "print(sorted({name.split('.')[0] for name in sys.modules} & "
+        "{'trl', 'datasets', 'deepspeed', 'fastapi', 'uvicorn', 'av'}))\n"
+        "import vlrm.train.trainer\n"
+        "print(sorted({name.split('.')[0] for name in sys.modules} & {'trl', 'datasets'}))"
+    )
+    finished = run_elsewhere(code, tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    wings, using, training = finished.stdout.splitlines()
+    assert wings == "['vlrm.data', 'vlrm.layout', 'vlrm.lazy', 'vlrm.model', 'vlrm.train', 'vlrm.use']"
+    assert using == "[]"
+    assert training == "['datasets', 'trl']"  # the check above would see them if they were imported
 
 
 def test_python_m_vlrm_lists_its_commands():

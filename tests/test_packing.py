@@ -24,7 +24,7 @@ from transformers import set_seed
 import vlrm.layout.attention as attention
 import vlrm.layout.packed as packing
 import vlrm.layout.segments as segments
-from vlrm.layout.attention import enable_packed_attention
+from vlrm.layout.attention import enable_packed_attention, uses_packed_attention
 from vlrm.layout.packed import PackedPreferenceCollator, make_collator, packed_tokens, pair_tokens, prompt_key
 from vlrm.layout.padded import PaddedPreferenceCollator
 from vlrm.model.reward_model import VLRewardModel
@@ -264,6 +264,26 @@ def test_packed_layout_without_packed_attention_raises(tiny_model_dir, encoder):
     batch = _model_inputs(make_collator(encoder, packing=True)([_row(31, 1, 4, 2, 2)]))
     with pytest.raises(ValueError, match="enable_packed_attention"):
         model(**batch)
+
+
+def test_a_transformers_without_mm_encoder_outputs_is_refused(tiny_model_dir, monkeypatch):
+    """Before transformers 5.18 the backbone's forward has no ``mm_encoder_outputs``: it would swallow the packed
+    row's image features in **kwargs and embed the image tokens as text (5.17: packed and padded rewards 0.29 apart),
+    so enabling the packed layout refuses, with the version to install."""
+    model = VLRewardModel.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    backbone = type(model.model)
+    original = backbone.forward
+
+    def older_forward(self, input_ids=None, attention_mask=None, position_ids=None, pixel_values=None, **kwargs):
+        return original(self, input_ids, attention_mask, position_ids, pixel_values=pixel_values, **kwargs)
+
+    monkeypatch.setattr(backbone, "forward", older_forward)
+    with pytest.raises(ValueError, match=r"mm_encoder_outputs.*pip install 'transformers>=5\.24'.*packing: false"):
+        enable_packed_attention(model)
+    assert model.config.text_config._attn_implementation == "sdpa"  # left as it was
+    monkeypatch.setattr(backbone, "forward", original)
+    enable_packed_attention(model)
+    assert uses_packed_attention(model)
 
 
 def test_flash_varlen_path_with_a_reference_kernel(model, encoder, monkeypatch):

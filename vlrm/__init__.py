@@ -18,8 +18,9 @@ inputs), ``vlrm.model`` (families, the reward model, LoRA, checkpoints), ``vlrm.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from vlrm.lazy import public_names
 
 __version__ = "0.1.0"
 
@@ -124,16 +125,11 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'vlrm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_PUBLIC[name]), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
+__getattr__, _public_dir = public_names(__name__, _PUBLIC)
 
 
 def __dir__() -> list[str]:
-    return [*__all__, "__version__"]
+    return [*_public_dir(), "__version__"]
 
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time each name loads on first use

@@ -53,7 +53,7 @@ from filelock import FileLock
 
 from vlrm.data.images import resolve_image
 from vlrm.data.rankings import responses_of
-from vlrm.data.rows import CANONICAL_FEATURES, images_key, map_row
+from vlrm.data.rows import LENGTH_COLUMNS, images_key, map_row
 from vlrm.data.sources import RawRows
 from vlrm.data.videos import sample_video, stored_video
 from vlrm.errors import BadSampleError, RowProblem, UnsupportedRow
@@ -68,6 +68,47 @@ REPORT_FILE = "vlrm_prepared.json"
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
+# A sampled video (vlrm.data.videos.sample_video): its frames stored once, as the processor will receive them.
+VIDEO_FEATURE = {
+    "frames": datasets.List(datasets.Image()),
+    "fps": datasets.Value("float32"),
+    "frames_indices": datasets.List(datasets.Value("int32")),
+    "total_num_frames": datasets.Value("int32"),
+    "key": datasets.Value("string"),
+}
+
+# Arrow schema of a canonical row. Message content is always a list of parts so that every row has the same type.
+CANONICAL_FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "prompt": datasets.List(
+            {
+                "role": datasets.Value("string"),
+                "content": datasets.List({"type": datasets.Value("string"), "text": datasets.Value("string")}),
+            }
+        ),
+        "images": datasets.List(datasets.Image()),
+        "videos": datasets.List(VIDEO_FEATURE),
+        "chosen": datasets.Value("string"),
+        "rejected": datasets.Value("string"),
+        "margin": datasets.Value("float32"),
+        "category": datasets.Value("string"),
+        "group": datasets.Value("string"),  # pairs judged together (MM-RLHF's Acc+), else null
+        "preferred_position": datasets.Value("int8"),  # where the preferred answer stood in the source row, if known
+        "benchmark": datasets.Value("string"),  # the benchmark layout it was read as (vlrm.data.benchmarks), or null
+        # Rows of N responses (vlrm.data.rankings); null for a pair, whose chosen / rejected say it all.
+        "responses": datasets.List(datasets.Value("string")),
+        "ranks": datasets.List(datasets.Value("float32")),  # lower is better; equal ranks tie
+        "scores": datasets.List(datasets.Value("float32")),
+        "ratings": datasets.List(datasets.List(datasets.Value("float32"))),  # [N][A]; NaN: not rated
+        "rating_names": datasets.List(datasets.Value("string")),
+        "tie": datasets.Value("bool"),  # a pair whose two responses are equally good
+        # Process rows (vlrm.data.steps): each solution's steps and one label per step (NaN: neutral); else null.
+        "steps": datasets.List(datasets.List(datasets.Value("string"))),
+        "step_labels": datasets.List(datasets.List(datasets.Value("float32"))),
+    }
+)
+
 # A prepared row: the canonical row plus where it came from, what the irrelevant-query sampler compares, and its
 # token lengths (null when prepared without a processor).
 PREPARED_FEATURES = datasets.Features(
@@ -81,7 +122,6 @@ PREPARED_FEATURES = datasets.Features(
         "response_lengths": datasets.List(datasets.Value("int32")),  # a row of N responses: each one's tokens
     }
 )
-LENGTH_COLUMNS = ("prompt_length", "chosen_length", "rejected_length")
 
 
 def peak_memory_gb() -> float:

@@ -13,10 +13,12 @@ itself is built in ``vlrm.layout.packed``.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import transformers
 from torch.nn.functional import scaled_dot_product_attention
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -212,16 +214,30 @@ AttentionMaskInterface.register("vlrm_packed_eager", eager_mask)
 AttentionMaskInterface.register("vlrm_packed_varlen", flash_attention_mask)
 
 
+# vlrm's minimum transformers (setup.py): the oldest the test suite passes on. 5.18 is the first whose VLM backbones
+# take mm_encoder_outputs (precomputed image and video features), but its Qwen3.5, config and ZeRO paths fail the suite.
+MIN_TRANSFORMERS = "5.24"
+
+
 def enable_packed_attention(model: Any) -> None:
     """Switch the language model's attention to the packed function standing in for its current one (sdpa/eager ->
     packed SDPA, flash_attention_2 -> flash-attn varlen). The vision tower keeps its attention. Idempotent; the choice
     is not saved with the checkpoint. Call after loading and before DeepSpeed/accelerate wrap the model. For a family
     with linear-attention layers (Qwen3.5) it also gives those their packed path (``vlrm.layout.recurrent``). Raises
     ``ValueError`` for a family without the packed layout (``model.family``, a ``vlrm.model.families`` entry:
-    ``packed``)."""
+    ``packed``), or for a transformers whose backbone cannot take the image features the packed row computes."""
     family = model.family
     if not family.packed:
         raise ValueError(f"{family.title} ({model.config.model_type}) has no packed layout: {family.padded_reason}")
+    reward_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's own
+    backbone = type(reward_model.model)
+    if "mm_encoder_outputs" not in inspect.signature(backbone.forward).parameters:
+        # An older forward swallows the argument in **kwargs and embeds the image tokens as text: wrong rewards.
+        raise ValueError(
+            f"the packed layout hands {backbone.__name__} the vision tower's output once per distinct image "
+            f"(mm_encoder_outputs), which transformers {transformers.__version__} does not take: pip install "
+            f"'transformers>={MIN_TRANSFORMERS}' (vlrm's minimum), or use the padded layout (packing: false)"
+        )
     language = model.config.get_text_config()
     current = language._attn_implementation
     if current in PACKED_IMPLEMENTATIONS.values():

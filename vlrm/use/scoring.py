@@ -28,9 +28,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vlrm.data.prepare import LENGTH_COLUMNS
 from vlrm.data.rankings import responses_of
-from vlrm.data.rows import user_prompt
+from vlrm.data.rows import LENGTH_COLUMNS, user_prompt
 from vlrm.data.videos import VideoSettings
 from vlrm.errors import BadSampleError, RowProblem
 from vlrm.layout.attention import enable_packed_attention
