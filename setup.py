@@ -13,8 +13,8 @@ setup(
         "trl>=1.0,<2",
         "accelerate>=1.4",
         "peft>=0.18",
-        "datasets>=3.0",
-        "qwen-vl-utils>=0.0.10",
+        "datasets>=4.0",  # datasets.List (the canonical features)
+        "qwen-vl-utils>=0.0.13",  # VIDEO_MIN_TOKEN_NUM, MODEL_SEQ_LEN and the rest vlrm.data.videos reads
         "av>=12",  # PyAV: video decoding with FFmpeg inside its wheel (vlrm.data.videos)
         "pyyaml",
         "pandas",
