@@ -169,6 +169,11 @@ def print_table(environment: dict, checks: list[dict], split: dict) -> None:
           f"{split['whole_s_per_pair']:.3f} on one device")  # fmt: skip
 
 
+def progress(message: str, started: float) -> None:
+    """A line on stderr as each part starts and ends: a run stopped at a time limit still says how far it got."""
+    print(f"[gpu_check {time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="the tiny model on the CPU, float32, in seconds")
@@ -200,8 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": {"language_and_head": args.parameter_counts[0], "vision": args.parameter_counts[1]},
     }  # fmt: skip
     started = time.perf_counter()
-    checks = [packing_check(args, attn) for attn in (["flash_attention_2"] if flash else []) + ["sdpa"]]
+    checks = []
+    for attn in (["flash_attention_2"] if flash else []) + ["sdpa"]:
+        progress(f"packed vs padded with {attn} (bench_packing.py, {args.preset}, {args.dtype})", started)
+        checks.append(packing_check(args, attn))
+        progress(f"{attn}: {'failed' if 'error' in checks[-1] else 'done'}", started)
+    progress("scoring split over devices", started)
     split = split_check(args)
+    progress("split scoring: done", started)
     print_table(environment, checks, split)
     result = {"smoke": args.smoke, "environment": environment, "packing": checks, "split": split,
               "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip

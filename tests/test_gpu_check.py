@@ -37,3 +37,4 @@ def test_gpu_check_smoke_runs_every_part(tmp_path):
     split = result["split"]
     assert split["devices"] == ["cpu", "disk"] and split["reward_max_abs_diff"] <= 1e-5
     assert "split scoring" in finished.stdout and "MFU" in finished.stdout
+    assert "] sdpa: done" in finished.stderr and "] split scoring: done" in finished.stderr  # progress as it goes
