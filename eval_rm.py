@@ -645,6 +645,19 @@ def eval_set_metrics(scores: PairScores, eval_set: EvalSet, config: EvalConfig, 
     return metrics, pair_scores
 
 
+def gather_parts(ranks: Ranks, part: Any, error: str | None, started: float) -> tuple[list | None, str | None, float]:
+    """Every rank's (part, error) gathered: on rank 0 (every part in rank order, None, seconds), or (None, the first
+    rank's error, seconds) when a rank failed; on the other ranks (None, None, seconds)."""
+    parts = ranks.gather((part, error))
+    seconds = time.perf_counter() - started
+    if not ranks.main:
+        return None, None, seconds
+    errors = [error for _, error in parts if error is not None]
+    if errors:
+        return None, errors[0], seconds
+    return [part for part, _ in parts], None, seconds
+
+
 def score_on_every_rank(scorer: RewardScorer | None, eval_set: EvalSet, config: EvalConfig, ranks: Ranks,
                         desc: str) -> tuple[PairScores | None, str | None, float]:  # fmt: skip
     """(scores of the whole set on rank 0, the first rank's error or None, seconds). Every rank scores its shard of
@@ -661,14 +674,8 @@ def score_on_every_rank(scorer: RewardScorer | None, eval_set: EvalSet, config: 
     except Exception as failure:  # NaN weights, OOM: this dataset's row says so
         logger.error("rank %d: %s: %s", ranks.rank, desc, failure, exc_info=True)
         error = f"{type(failure).__name__}: {failure}"
-    parts = ranks.gather((part, error))
-    seconds = time.perf_counter() - started
-    if not ranks.main:
-        return None, None, seconds
-    errors = [error for _, error in parts if error is not None]
-    if errors:
-        return None, errors[0], seconds
-    return PairScores.combine([part for part, _ in parts]), None, seconds
+    parts, error, seconds = gather_parts(ranks, part, error, started)
+    return (None if parts is None else PairScores.combine(parts)), error, seconds
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -718,14 +725,10 @@ def score_steps_on_every_rank(scorer: RewardScorer, eval_set: EvalSet, config: E
     except Exception as failure:  # NaN weights, OOM, a bad row: this dataset's row says so
         logger.error("rank %d: %s: %s", ranks.rank, desc, failure, exc_info=True)
         error = f"{type(failure).__name__}: {failure}"
-    parts = ranks.gather((part, error))
-    seconds = time.perf_counter() - started
-    if not ranks.main:
-        return None, None, seconds
-    errors = [error for _, error in parts if error is not None]
-    if errors:
-        return None, errors[0], seconds
-    merged = {position: values for part, _ in parts for position, values in part.items()}
+    parts, error, seconds = gather_parts(ranks, part, error, started)
+    if parts is None:
+        return None, error, seconds
+    merged = {position: values for part in parts for position, values in part.items()}
     return [merged[position] for position in range(len(eval_set.step_rows))], None, seconds
 
 
