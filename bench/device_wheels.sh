@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The wheels bench/gpu_check.py needs on a lent GPU machine whose image lacks them (Python 3.12, x86-64): its
-# transformers is older than the packed layout's minimum (5.18, mm_encoder_outputs) and it has no qwen-vl-utils.
+# transformers (5.17) is older than vlrm's minimum (5.24; the packed layout needs mm_encoder_outputs, from 5.18) and it
+# has no qwen-vl-utils.
 # Everything else gpu_check.py imports (torch, peft, accelerate, safetensors, tokenizers, huggingface_hub, pillow,
 # pandas) is in that image; scoring and the packed layout import no TRL, datasets or DeepSpeed (tests/test_package.py).
 #
