@@ -282,15 +282,22 @@ def test_health_and_info(server, checkpoints, images):
 # Micro-batching: concurrent requests merge, one forward at a time, a failing request fails alone
 
 
-def _send_while_held(server, bodies: list[dict], queued_items: int) -> list[tuple[int, dict]]:
-    """Hold the model on a one-item request, send ``bodies`` concurrently, release once all of them are queued."""
-    recorder, batcher = server["recorder"], server["app"].state.batcher
-    recorder.hold, recorder.sizes = threading.Event(), []
-    plug = {"items": [{"prompt": QUESTION, "response": "Plug."}]}
+def _send_while_held(
+    server, bodies: list[dict], queued_items: int, recorder=None, plug: dict | None = None, key: str | None = API_KEY
+) -> list[tuple[int, dict]]:
+    """Hold the model on a one-item request (``plug``), send ``bodies`` concurrently, release once all of them are
+    queued. ``recorder``: what stands in for the scorer (``server["recorder"]`` unless given: anything with ``hold``
+    and ``active``); its ``sizes`` and ``batches`` records, where it has them, start anew."""
+    recorder, batcher = recorder or server["recorder"], server["app"].state.batcher
+    recorder.hold = threading.Event()
+    for record in ("sizes", "batches"):
+        if hasattr(recorder, record):
+            setattr(recorder, record, [])
+    plug = plug or {"items": [{"prompt": QUESTION, "response": "Plug."}]}
     replies: list = [None] * (len(bodies) + 1)
 
     def send(index: int, body: dict) -> None:
-        replies[index] = call(server["port"], "POST", "/score", body)
+        replies[index] = call(server["port"], "POST", "/score", body, key=key)
 
     threads = [threading.Thread(target=send, args=(0, plug))]
     threads[0].start()

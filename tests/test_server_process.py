@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 
-from tests.test_server import _data_url, _png, _wait_for, call, serving
+from tests.test_server import _data_url, _png, _send_while_held, call, serving
 from vlrm.use.scoring import RewardScorer
 from vlrm.use.server.app import create_app
 from vlrm.use.server.settings import ServerSettings, require_reward_stats
@@ -131,36 +131,18 @@ def test_replies_carry_step_scores_equal_to_the_scorer(server, images, reference
 
 def test_solutions_of_one_prompt_sent_apart_share_a_prompt_node(server, images, reference):
     """Three requests queued behind a held forward merge into one forward with one prompt node and one image."""
-    forwards, batcher = server["forwards"], server["app"].state.batcher
+    forwards = server["forwards"]
     bodies = [{"items": [{"prompt": QUESTION, "images": ["b.png"], "steps": [f"Step {n}.", f"So {n}."]}]}
               for n in range(3)]  # fmt: skip
-    replies: list = [None] * 4
     plug = {"items": [{"prompt": "Plug.", "steps": ["Plug."]}]}
-
-    def send(index: int, body: dict) -> None:
-        replies[index] = call(server["port"], "POST", "/score", body, key=None)
-
-    forwards.hold, forwards.sizes, forwards.batches = threading.Event(), [], []
-    threads = [threading.Thread(target=send, args=(0, plug))]
-    threads[0].start()
-    try:
-        _wait_for(lambda: forwards.active == 1)
-        threads += [threading.Thread(target=send, args=(i + 1, body)) for i, body in enumerate(bodies)]
-        for thread in threads[1:]:
-            thread.start()
-        _wait_for(lambda: batcher.pending_items == 4)
-    finally:
-        forwards.hold.set()
-        for thread in threads:
-            thread.join(timeout=60)
-        forwards.hold = None
+    replies = _send_while_held(server, bodies, queued_items=3, recorder=forwards, plug=plug, key=None)
     assert forwards.sizes == [1, 3]
     merged = forwards.batches[1]
     assert len(merged["packed_layout"].prompt_spans) == 1 and merged["image_grid_thw"].shape[0] == 1
     rows = [{"prompt": QUESTION, "images": [str(images / "b.png")], "steps": body["items"][0]["steps"]}
             for body in bodies]  # fmt: skip
     expected = reference.score_steps(rows)
-    for (status, reply), want, want_steps in zip(replies[1:], expected.scores, expected.steps, strict=True):
+    for (status, reply), want, want_steps in zip(replies, expected.scores, expected.steps, strict=True):
         assert status == 200, reply
         np.testing.assert_allclose(reply["rewards"], [want], rtol=0, atol=1e-5)
         np.testing.assert_allclose(reply["steps"][0], want_steps, rtol=0, atol=1e-5)

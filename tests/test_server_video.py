@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 
-from tests.test_server import ROOT, _png, _wait_for, call, serving
+from tests.test_server import ROOT, _png, _send_while_held, call, serving
 from tests.test_use_video import GROUP, QUESTION, SMALL, clip_frames
 from vlrm.data import videos as video_module
 from vlrm.data.videos import write_clip
@@ -190,38 +190,20 @@ def test_scores_equal_the_scorer(server, media, reference, decodes):
 def test_a_groups_requests_meet_under_one_prompt_node(server, media, reference):
     """Two requests of two completions each, the clip sent as a data: URL in one and as a path in the other, queued
     behind a forward: scored in one forward under one prompt node, the video through the vision tower once."""
-    held, batcher = server["held"], server["app"].state.batcher
+    held = server["held"]
     forms = [_data_url(media["bytes"]["a.mp4"]), "a.mp4"]
     bodies = [
         {"items": [{"prompt": QUESTION, "videos": [form], "response": text} for text in texts]}
         for form, texts in zip(forms, (GROUP[:2], GROUP[2:]), strict=True)
     ]
-    replies: list = [None] * 3
-
-    def send(index: int, body: dict) -> None:
-        replies[index] = call(server["port"], "POST", "/score", body, key=None)
-
     plug = {"items": [{"prompt": "Say something.", "response": "Plug."}]}
-    held.hold, held.batches[:] = threading.Event(), []
-    threads = [threading.Thread(target=send, args=(0, plug))]
-    threads[0].start()
-    try:
-        _wait_for(lambda: held.active == 1)
-        threads += [threading.Thread(target=send, args=(i + 1, body)) for i, body in enumerate(bodies)]
-        for thread in threads[1:]:
-            thread.start()
-        _wait_for(lambda: batcher.pending_items == 5)
-    finally:
-        held.hold.set()
-        for thread in threads:
-            thread.join(timeout=60)
-        held.hold = None
+    replies = _send_while_held(server, bodies, queued_items=4, recorder=held, plug=plug, key=None)
     assert [len(batch["reward_index"]) for batch in held.batches] == [1, 4]
     assert len(held.batches[1]["packed_layout"].prompt_spans) == 1 and held.batches[1]["video_grid_thw"].shape[0] == 1
     expected = reference.score(
         [{"prompt": QUESTION, "videos": [media["files"]["a.mp4"]], "response": t} for t in GROUP]
     )
-    for (status, reply), part in zip(replies[1:], (expected[:2], expected[2:]), strict=True):
+    for (status, reply), part in zip(replies, (expected[:2], expected[2:]), strict=True):
         assert status == 200, reply
         np.testing.assert_allclose(reply["rewards"], part, rtol=1e-5, atol=1e-6)
 
