@@ -65,7 +65,8 @@ def pair_tie(raw: dict[str, Any]) -> bool:
     return bool(tie) or (isinstance(label, str) and label.strip().lower() == "tie")
 
 
-def _as_list(value: Any, field_name: str) -> list:
+def list_field(value: Any, field_name: str) -> list:
+    """A row's list field as a list (a numpy array from parquet too); anything else is a ``RowProblem`` naming it."""
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy arrays from parquet
         value = value.tolist()
     if not isinstance(value, (list, tuple)):
@@ -114,11 +115,11 @@ def _completions(raw: dict[str, Any]) -> list[dict]:
     completions = raw["completions"]
     if isinstance(completions, dict):  # datasets' Sequence of a struct: a mapping of lists
         keys = list(completions)
-        lengths = {len(_as_list(completions[key], "completions")) for key in keys}
+        lengths = {len(list_field(completions[key], "completions")) for key in keys}
         if len(lengths) != 1:
             raise RowProblem("completions", "its fields have different lengths")
         completions = [{key: completions[key][index] for key in keys} for index in range(lengths.pop())]
-    items = _as_list(completions, "completions")
+    items = list_field(completions, "completions")
     if not all(isinstance(item, dict) for item in items):
         raise RowProblem("completions", "expected a list of {response, annotations} objects")
     return items
@@ -142,9 +143,9 @@ def _vlfeedback(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _generic(raw: dict[str, Any]) -> dict[str, Any]:
-    fields: dict[str, Any] = {"responses": _texts(_as_list(raw["responses"], "responses"), "responses")}
+    fields: dict[str, Any] = {"responses": _texts(list_field(raw["responses"], "responses"), "responses")}
     if raw.get("ratings") is not None:
-        ratings = _as_list(raw["ratings"], "ratings")
+        ratings = list_field(raw["ratings"], "ratings")
         if not all(isinstance(item, dict) for item in ratings):
             raise RowProblem("ratings", "expected one mapping {attribute: rating} per response")
         names = list(ratings[0]) if ratings else []
@@ -155,15 +156,15 @@ def _generic(raw: dict[str, Any]) -> dict[str, Any]:
         fields["ratings"] = [[_number(item[name], f"ratings.{name}") for name in names] for item in ratings]
         fields["rating_names"] = names
     if raw.get("scores") is not None:
-        fields["scores"] = [_number(value, "scores") for value in _as_list(raw["scores"], "scores")]
+        fields["scores"] = [_number(value, "scores") for value in list_field(raw["scores"], "scores")]
         if any(score is None for score in fields["scores"]):
             raise RowProblem("scores", "every response needs a score")
     if raw.get("ranks") is not None:
-        fields["ranks"] = [_number(value, "ranks") for value in _as_list(raw["ranks"], "ranks")]
+        fields["ranks"] = [_number(value, "ranks") for value in list_field(raw["ranks"], "ranks")]
         if any(rank is None for rank in fields["ranks"]):
             raise RowProblem("ranks", "every response needs a rank")
     elif raw.get("ranking") is not None:
-        fields["ranks"] = _ranks_from_ranking(_as_list(raw["ranking"], "ranking"), len(fields["responses"]))
+        fields["ranks"] = _ranks_from_ranking(list_field(raw["ranking"], "ranking"), len(fields["responses"]))
     return fields
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from vlrm.data.rankings import list_field
 from vlrm.errors import RowProblem
 
 STEP_FIELDS = ("steps", "step_labels")
@@ -68,14 +69,6 @@ def _is_chat_layout(raw: dict[str, Any]) -> bool:
     return bool(answers) and all(isinstance(value, str) and value.strip() in ("+", "-") for value in answers)
 
 
-def _list(value: Any, field_name: str) -> list:
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy arrays from parquet
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)):
-        raise RowProblem(field_name, f"expected a list, got {'null' if value is None else type(value).__name__}")
-    return list(value)
-
-
 def step_label(value: Any, field_name: str) -> float:
     """One step's label as a float: 1.0 correct, 0.0 wrong, a soft value in [0, 1], NaN neutral."""
     if value is None:
@@ -102,7 +95,7 @@ def step_label(value: Any, field_name: str) -> float:
 
 
 def _steps(values: Any, field_name: str) -> list[str]:
-    steps = _list(values, field_name)
+    steps = list_field(values, field_name)
     if not steps:
         raise RowProblem(field_name, "a solution has no step")
     for index, step in enumerate(steps):
@@ -114,7 +107,7 @@ def _steps(values: Any, field_name: str) -> list[str]:
 
 def _solution(steps: Any, labels: Any, steps_field: str, labels_field: str, mapping=None) -> tuple[list, list]:
     steps = _steps(steps, steps_field)
-    labels = _list(labels, labels_field)
+    labels = list_field(labels, labels_field)
     if len(labels) != len(steps):
         raise RowProblem(labels_field, f"{len(labels)} labels for {len(steps)} steps")
     if mapping is not None:
@@ -129,7 +122,7 @@ def _chat_solution(raw: dict[str, Any]) -> tuple[str, list[str], list[float]]:
     """(question, steps, labels) of VisualPRM400K's chat layout (module docstring)."""
     question, steps, labels = None, [], []
     pending = None
-    for turn in _list(raw["conversations"], "conversations"):
+    for turn in list_field(raw["conversations"], "conversations"):
         speaker, value = turn.get("from"), turn.get("value")
         if speaker in ("human", "user"):
             if pending is not None:
@@ -168,7 +161,7 @@ def step_fields(raw: dict[str, Any]) -> dict[str, Any]:
         if raw.get("data_source") is not None:
             found["category"] = str(raw["data_source"])
     elif "steps_with_score" in raw:
-        entries = _list(raw["steps_with_score"], "steps_with_score")
+        entries = list_field(raw["steps_with_score"], "steps_with_score")
         if not all(isinstance(entry, dict) for entry in entries):
             raise RowProblem("steps_with_score", "expected a list of {step, score}")
         steps = [entry.get("step") for entry in entries]
@@ -176,13 +169,13 @@ def step_fields(raw: dict[str, Any]) -> dict[str, Any]:
                                "steps_with_score")]  # fmt: skip
     elif "solutions" in raw:
         solutions = []
-        for index, solution in enumerate(_list(raw["solutions"], "solutions")):
+        for index, solution in enumerate(list_field(raw["solutions"], "solutions")):
             if isinstance(solution, dict):
                 solutions.append(_solution(solution.get("steps"), solution.get("step_labels"),
                                            f"solutions[{index}].steps", f"solutions[{index}].step_labels"))  # fmt: skip
             else:
-                labels = _list(raw.get("step_labels"), "step_labels")
-                if len(labels) != len(_list(raw["solutions"], "solutions")):
+                labels = list_field(raw.get("step_labels"), "step_labels")
+                if len(labels) != len(list_field(raw["solutions"], "solutions")):
                     raise RowProblem("step_labels", "one list of labels per solution")
                 solutions.append(_solution(solution, labels[index], f"solutions[{index}]", f"step_labels[{index}]"))
         if not solutions:
